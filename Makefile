@@ -1,0 +1,38 @@
+# Set-up on a fresh machine is part of both targets: `make demo` and `make test` are all a new user needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	touch $@
+
+# timm is a reference implementation for the parity tests. Its torchvision requirement has no CPU build on the
+# package index these machines use, so it is installed without dependencies (see README, "Tests").
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps "timm>=1.0.20"
+	touch $@
+
+install: $(STAMP)
+install-test: $(TEST_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgevits models
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

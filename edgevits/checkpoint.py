@@ -1,0 +1,162 @@
+"""Reading, recognising, checking and writing checkpoints. Nothing here unpickles arbitrary objects."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import StateDict, detect_source, sources_for
+from .layers import adapt_bias_tables
+
+META_KEY = "edgevits"
+_WRAPPERS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says what was found."""
+
+
+def _read_file(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"could not read safetensors checkpoint {str(path)!r}: {e}") from e
+        info = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+        return sd, info
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        msg = str(e).split("\n")[0]
+        raise CheckpointError(
+            f"could not read checkpoint {str(path)!r} safely (weights only): {msg}. If it is a trusted file that "
+            "stores other Python objects, re-save just its state dict.") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj, {}
+
+
+def _unwrap(obj: dict) -> StateDict:
+    """Find the state dict inside a training checkpoint ({'model': ...}, {'state_dict': ...}); strip 'module.'."""
+    for key in _WRAPPERS:
+        if isinstance(obj.get(key), dict) and obj[key] and all(torch.is_tensor(v) for v in obj[key].values()):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    if not sd:
+        raise CheckpointError(f"no tensors found in checkpoint (top-level keys: {sorted(obj)[:10]})")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_checkpoint(src: str | os.PathLike | dict) -> tuple[StateDict, dict]:
+    """Return ``(state_dict, metadata)`` from a path or an in-memory dict (metadata is {} for foreign files)."""
+    if isinstance(src, dict):
+        return _unwrap(src), {}
+    obj, meta = _read_file(Path(src))
+    return _unwrap(obj), meta
+
+
+def config_hints(entry, sd: StateDict, meta: dict) -> dict:
+    """Config settings a checkpoint implies for ``entry`` (a registry entry): its own saved config for edgevits
+    files, else what the keys reveal (class count, distillation head, Hugging Face's legacy attention)."""
+    if meta.get("model") and meta["model"] != entry.name:
+        raise CheckpointError(f"checkpoint was saved from {meta['model']!r}, not {entry.name!r}")
+    if meta.get("config"):
+        valid = {f.name for f in dataclasses.fields(entry.config)}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in valid}
+    source = detect_source(entry.family, sd)
+    return source.hints(sd) if source else {}
+
+
+def convert_state_dict(model: nn.Module, sd: StateDict) -> tuple[StateDict, str]:
+    """Map ``sd`` (any recognised format) to ``model``'s keys; returns the mapped dict and the source's name."""
+    family = getattr(model, "family", "")
+    source = detect_source(family, sd)
+    if source is None:
+        names = ", ".join(s.name for s in sources_for(family)) or "none"
+        raise CheckpointError(f"checkpoint keys match no known {family or 'model'} format (tried: {names}); "
+                              f"first keys: {list(sd)[:6]}")
+    return source.convert(sd), source.name
+
+
+def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: bool = True) -> dict:
+    """Load weights from a path or state dict into ``model``, whatever its source format.
+
+    Attention-bias tables stored at another resolution are resized to the model's. Raises ``CheckpointError``
+    listing missing keys, unexpected keys and shape clashes (all of them, not just the first). Returns a report
+    ``{"source": ..., "resized": [...], "missing": [...], "unexpected": [...]}``.
+    """
+    sd, meta = read_checkpoint(src)
+    name = getattr(model, "model_name", "")
+    if meta.get("model") and name and meta["model"] != name:
+        raise CheckpointError(f"checkpoint was saved from {meta['model']!r}, but the model is {name!r}")
+    sd, source = convert_state_dict(model, sd)
+    resized = adapt_bias_tables(model, sd)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    clashes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    if clashes or (strict and (missing or unexpected)):
+        lines = [f"checkpoint ({source} format) does not fit {name or type(model).__name__}:"]
+        for title, items in (("shape clashes", clashes), ("missing keys", missing), ("unexpected keys", unexpected)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+        if clashes:
+            lines.append("  (a checkpoint of another variant or class count? pass num_classes=..., or build the "
+                         "variant it was saved from)")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(sd, strict=strict)
+    return {"source": source, "resized": resized, "missing": missing, "unexpected": unexpected}
+
+
+def _config_dict(model: nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(model: nn.Module | None, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+                    state_dict: StateDict | None = None) -> Path:
+    """Write ``model``'s weights (or ``state_dict``) to ``path`` as safetensors, atomically, with metadata
+    (model name, config, attention revision, and ``extra``) in the file header and in a ``.json`` beside it."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    config = _config_dict(model) if model is not None else {}
+    meta = {"model": getattr(model, "model_name", ""), "family": getattr(model, "family", ""), "config": config,
+            "attention_revision": config.get("attention_revision"), "format_version": 1, **(extra or {})}
+    text = json.dumps(meta, default=str)
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: text}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
+    return path

@@ -1,0 +1,32 @@
+"""Deploy form: ``fuse_model`` returns an inference copy with BatchNorm folded, biases gathered, one head."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _fuse_children(module: nn.Module) -> nn.Module:
+    for name, child in list(module.named_children()):
+        setattr(module, name, _fuse_children(child))
+    fuse = getattr(module, "fuse", None)
+    return fuse() if callable(fuse) else module
+
+
+@torch.no_grad()
+def fuse_model(model: nn.Module) -> nn.Module:
+    """Return a deploy copy of ``model`` (the original is untouched).
+
+    The copy is in eval mode; every module with a ``fuse()`` method is replaced, bottom-up, by what it returns:
+    conv+BN pairs become one conv, BatchNorms next to a 1x1 conv or a Linear fold into it, layer scales fold into
+    the preceding layer, attention biases are gathered once into buffers, and the two DeiT heads become one
+    Linear. Outputs equal the eval-mode outputs of ``model``. Calling it on a fused model changes nothing.
+    """
+    deployed = copy.deepcopy(model).eval()
+    deployed = _fuse_children(deployed)
+    deployed.eval()
+    for p in deployed.parameters():
+        p.requires_grad_(False)
+    deployed.is_deploy_form = True
+    return deployed

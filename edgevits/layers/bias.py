@@ -1,0 +1,134 @@
+"""Relative-position attention bias tables (EfficientFormer V1/V2, EfficientViT).
+
+A table holds one learned value per head and per absolute offset (|dy|, |dx|) between a query and a key, laid out
+row-major over the offset grid (``attention_biases``: (heads, Ht * Wt), the official layout). The official code
+enumerates offsets in first-seen order over a row-major scan; for every case these models use that order equals
+``|dy| * Wt + |dx|``, which is what ``bias_index`` builds.
+
+The table is defined at the training resolution. At another resolution the offset grid changes, and the table is
+resized bicubically to it (as the official detection code does). In the train/eval form the bias is gathered
+from the live parameter on every call, so it can never be stale (after ``load_state_dict``, an EMA update, or a
+``.data`` write). ``fuse()`` returns ``FrozenRelPosBias``, which gathers once and keeps the result as a buffer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Size = tuple[int, int]
+
+
+def bias_index(q_size: Size, k_size: Size, stride: int = 1, device=None) -> torch.Tensor:
+    """(Nq, Nk) index into a table laid out over the (Hk, Wk) offset grid.
+
+    Query (i, j) sits at key position (i * stride, j * stride); its offset to key (y, x) is
+    (|i*stride - y|, |j*stride - x|), always inside the (Hk, Wk) grid.
+    """
+    qy, qx = torch.meshgrid(torch.arange(q_size[0], device=device) * stride,
+                            torch.arange(q_size[1], device=device) * stride, indexing="ij")
+    ky, kx = torch.meshgrid(torch.arange(k_size[0], device=device), torch.arange(k_size[1], device=device),
+                            indexing="ij")
+    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
+    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
+    return dy * k_size[1] + dx
+
+
+def resize_table(table: torch.Tensor, src: Size, dst: Size) -> torch.Tensor:
+    """Bicubically resize a (heads, Hs*Ws) table to (heads, Hd*Wd)."""
+    if tuple(src) == tuple(dst):
+        return table
+    heads = table.shape[0]
+    grid = table.reshape(1, heads, src[0], src[1])
+    out = F.interpolate(grid, size=tuple(dst), mode="bicubic", align_corners=False)
+    return out.reshape(heads, dst[0] * dst[1])
+
+
+class RelPosBias(nn.Module):
+    """Learned relative-position bias for ``num_heads`` heads.
+
+    Args:
+        num_heads: heads (rows of the table).
+        table_size: the offset grid the table is defined on, i.e. the key grid at the training resolution.
+        q_size, k_size, stride: the query/key grids at the training resolution (used by ``fuse``).
+    Call ``bias(q_size, k_size, stride)`` -> (heads, Nq, Nk).
+    """
+
+    def __init__(self, num_heads: int, table_size: Size, q_size: Size | None = None, k_size: Size | None = None,
+                 stride: int = 1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.table_size = tuple(table_size)
+        self.default_k = tuple(k_size or table_size)
+        self.default_q = tuple(q_size or self.default_k)
+        self.default_stride = stride
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.table_size[0] * self.table_size[1]))
+
+    def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
+        table = resize_table(self.attention_biases, self.table_size, k_size)
+        idx = bias_index(q_size, k_size, stride, device=table.device)
+        return table[:, idx]  # (heads, Nq, Nk)
+
+    def fuse(self) -> "FrozenRelPosBias":
+        return FrozenRelPosBias(self)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, table={self.table_size[0]}x{self.table_size[1]}"
+
+
+class FrozenRelPosBias(nn.Module):
+    """Deploy form: the bias for the training resolution gathered once into a buffer.
+
+    Other resolutions are gathered once per size and kept in a per-size cache, keyed also on the table buffer's
+    version counter so that an in-place write to ``table`` is still honoured.
+    """
+
+    def __init__(self, src: RelPosBias):
+        super().__init__()
+        self.num_heads = src.num_heads
+        self.table_size = src.table_size
+        self.default_key = (src.default_q, src.default_k, src.default_stride)
+        with torch.no_grad():
+            self.register_buffer("table", src.attention_biases.detach().clone())
+            self.register_buffer("bias", RelPosBias.forward(src, *self.default_key).detach().clone())
+        self._cache: dict = {}
+
+    def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
+        key = (tuple(q_size), tuple(k_size), stride)
+        if key == self.default_key:
+            return self.bias
+        version = (self.table._version, self.table.data_ptr(), self.table.device)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            with torch.no_grad():
+                table = resize_table(self.table, self.table_size, k_size)
+                hit = (version, table[:, bias_index(q_size, k_size, stride, device=table.device)])
+            self._cache[key] = hit
+        return hit[1]
+
+    def _apply(self, fn, recurse=True):  # .to()/.half() move the buffers; cached tensors would not follow
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+
+def adapt_bias_tables(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Resize every ``attention_biases`` table in ``state_dict`` whose grid differs from ``model``'s (in place).
+
+    The stored grid is taken as square (the released checkpoints are all 224x224). Returns the keys resized.
+    """
+    resized = []
+    for name, module in model.named_modules():
+        if not isinstance(module, RelPosBias):
+            continue
+        key = f"{name}.attention_biases" if name else "attention_biases"
+        value = state_dict.get(key)
+        if value is None or value.dim() != 2 or tuple(value.shape) == tuple(module.attention_biases.shape):
+            continue
+        side = math.isqrt(value.shape[1])
+        if side * side != value.shape[1] or value.shape[0] != module.num_heads:
+            continue  # leave it to the shape check, which reports it
+        state_dict[key] = resize_table(value.float(), (side, side), module.table_size).to(value.dtype)
+        resized.append(key)
+    return resized

@@ -1,0 +1,62 @@
+"""Small shared pieces: stochastic depth, layer scale, input checks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair, got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch per sample with probability ``p`` while training.
+
+    Written with ``torch.rand`` + floor rather than ``bernoulli_`` so that exporters never meet an in-place
+    random op; in eval mode (and hence in every export) it is the identity.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).add_(keep).floor_()
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale ``x * gamma``; gamma has ``shape`` (e.g. (C,1,1) for maps, (C,) for tokens)."""
+
+    def __init__(self, shape: tuple[int, ...], init: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full(shape, float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, multiple: int, model_name: str = "model") -> None:
+    """Raise a ValueError naming what was expected when ``x`` is not (B, in_chans, H, W) with H, W % multiple == 0."""
+    if torch.jit.is_tracing():
+        return
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"{model_name} expects a batch of images shaped (B, {in_chans}, H, W); "
+                         f"got a tensor of shape {tuple(x.shape)}")
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if h % multiple or w % multiple:
+        raise ValueError(f"{model_name} needs height and width divisible by {multiple}; got {h}x{w} "
+                         f"(try {max(multiple, round(h / multiple) * multiple)}x"
+                         f"{max(multiple, round(w / multiple) * multiple)})")

@@ -1,0 +1,107 @@
+"""What every edgevits classifier shares: common config fields, the DeiT-style heads, the common interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layers import average_linears, check_image_input, to_2tuple
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Fields every family accepts. Families subclass this with their architecture fields."""
+
+    num_classes: int = 1000
+    in_chans: int = 3
+    img_size: int | tuple[int, int] = 224  # the training resolution; sizes bias tables where a family has them
+    distillation: bool = True  # a second (DeiT) head: (cls, dist) in training, their mean in eval
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0
+    features_only: bool = False  # forward returns the list of stage outputs
+
+    def __post_init__(self):
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        to_2tuple(self.img_size)
+
+
+class ClassifierModel(nn.Module):
+    """Base of every family.
+
+    A family defines ``forward_stages(x) -> list`` (the stage outputs as (B, C, H, W) maps),
+    ``forward_features(x)`` (the final normalised features), ``pool(features) -> (B, C)``, ``num_features``,
+    ``feature_info`` and ``stride`` (the input multiple it needs); the heads and the rest live here.
+    """
+
+    family = ""
+    stride = 32
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model_name = ""
+        self.num_classes = 0 if config.features_only else config.num_classes
+
+    # -- heads -----------------------------------------------------------------------------------------------
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _init_heads(self) -> None:
+        self.head_drop = nn.Dropout(self.config.drop_rate)
+        self.head = self._make_head(self.num_classes)
+        self.head_dist = self._make_head(self.num_classes) if self.config.distillation else None
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier(s) with fresh ones for ``num_classes`` (0 removes them: pooled features out)."""
+        ref = next(self.parameters())
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes).to(ref.device, ref.dtype)
+        if self.head_dist is not None:
+            self.head_dist = self._make_head(num_classes).to(ref.device, ref.dtype)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, self.config.in_chans, self.stride, self.model_name or type(self).__name__)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Pool the features and classify. Training with a distillation head returns ``(cls, dist)`` logits."""
+        x = self.head_drop(self.pool(x))
+        if pre_logits:
+            return x
+        if self.head_dist is None:
+            return self.head(x)
+        cls, dist = self.head(x), self.head_dist(x)
+        if self.training and not torch.jit.is_scripting():
+            return cls, dist
+        return (cls + dist) / 2
+
+    def forward(self, x: torch.Tensor):
+        self.check_input(x)
+        if self.config.features_only:
+            return self.forward_stages(x)
+        return self.forward_head(self.forward_features(x))
+
+    # -- deploy form -----------------------------------------------------------------------------------------
+    def _fold_final_norm(self) -> None:
+        """Families whose final norm is a BN ahead of the pooled head fold it here (see fuse)."""
+
+    def fuse(self) -> "ClassifierModel":
+        """Deploy form (called by ``edgevits.fuse_model`` after the children are fused): the final BN folds into
+        the classifier and the two heads collapse into one Linear. ``forward_features`` then returns the features
+        before that norm; logits are unchanged."""
+        if self.num_classes > 0 and not self.config.features_only:
+            self._fold_final_norm()
+            if self.head_dist is not None and isinstance(self.head, nn.Linear):
+                self.head = average_linears(self.head, self.head_dist)
+                self.head_dist = None
+        return self

@@ -1,0 +1,170 @@
+"""SwiftFormer (Shaker et al., ICCV 2023): conv encoders plus one efficient-additive-attention block per stage.
+
+Matches the official Amshaker/SwiftFormer code. The attention revision is a config field: ``"current"`` (the
+official code since 2023-07-26, the default) or ``"legacy"`` (first release / Hugging Face transformers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layers import (AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, fuse_bn_linear,
+                      scale_output_)
+from ..layers.attention import REGISTRY as ATTENTIONS
+from ..registry import register_model
+from .base import ClassifierModel, ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwiftFormerConfig(ModelConfig):
+    embed_dims: tuple[int, ...] = (48, 56, 112, 220)
+    depths: tuple[int, ...] = (3, 3, 6, 4)
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 1e-5
+    attention: str = "additive"  # any token mixer from edgevits.layers.attention.REGISTRY (ablations)
+    attention_revision: str = "current"  # "current" or "legacy" (additive attention only)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.embed_dims) != len(self.depths) or min(self.depths) < 1:
+            raise ValueError("embed_dims and depths need one entry per stage, each depth >= 1")
+        if self.attention_revision not in ("current", "legacy"):
+            raise ValueError(f"attention_revision must be 'current' or 'legacy', got {self.attention_revision!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose from {', '.join(sorted(ATTENTIONS))}")
+
+
+class ConvEncoder(nn.Module):
+    """x + gamma * pw2(GELU(pw1(BN(dw3x3(x))))). Also SwiftFormer's local representation (hidden = dim)."""
+
+    def __init__(self, dim: int, hidden: int, drop_path: float = 0.0, layer_scale_init: float = 1.0):
+        super().__init__()
+        self.dw = ConvNorm(dim, dim, 3, groups=dim, bias=True)
+        self.pw1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.GELU()
+        self.pw2 = nn.Conv2d(hidden, dim, 1)
+        self.layer_scale = LayerScale((dim, 1, 1), layer_scale_init)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.layer_scale(self.pw2(self.act(self.pw1(self.dw(x))))))
+
+    def fuse(self) -> nn.Module:
+        if isinstance(self.layer_scale, LayerScale):
+            scale_output_(self.pw2, self.layer_scale.gamma)
+            self.layer_scale = nn.Identity()
+        return self
+
+
+class SwiftFormerBlock(nn.Module):
+    """Local representation, then x + ls1 * attention(tokens), then x + ls2 * MLP(x)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, layer_scale_init: float, attention: str,
+                 revision: str):
+        super().__init__()
+        self.local = ConvEncoder(dim, dim, 0.0, 1.0)
+        self.attn = AdditiveAttention(dim, revision) if attention == "additive" else ATTENTIONS[attention](dim)
+        self.mlp = PreNormConvMlp(dim, int(dim * mlp_ratio))
+        self.layer_scale_1 = LayerScale((dim, 1, 1), layer_scale_init)
+        self.layer_scale_2 = LayerScale((dim, 1, 1), layer_scale_init)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.local(x)
+        b, c, h, w = x.shape
+        t = self.attn(x.flatten(2).transpose(1, 2))  # (B, N, C) tokens
+        x = x + self.drop_path(self.layer_scale_1(t.transpose(1, 2).reshape(b, c, h, w)))
+        return x + self.drop_path(self.layer_scale_2(self.mlp(x)))
+
+    def fuse(self) -> nn.Module:
+        if isinstance(self.layer_scale_2, LayerScale):
+            scale_output_(self.mlp.fc2, self.layer_scale_2.gamma)
+            self.layer_scale_2 = nn.Identity()
+        if isinstance(self.layer_scale_1, LayerScale) and isinstance(getattr(self.attn, "final", None), nn.Linear):
+            scale_output_(self.attn.final, self.layer_scale_1.gamma)
+            self.layer_scale_1 = nn.Identity()
+        return self
+
+
+class SwiftFormerStage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_paths: list[float],
+                 cfg: SwiftFormerConfig):
+        super().__init__()
+        self.downsample = ConvNorm(in_dim, dim, 3, stride=2, bias=True) if downsample else nn.Identity()
+        blocks: list[nn.Module] = [ConvEncoder(dim, int(cfg.mlp_ratio * dim), drop_path=0.0, layer_scale_init=1.0)
+                                   for _ in range(depth - 1)]
+        # Only the attention block of each stage carries stochastic depth (as in the official code).
+        blocks.append(SwiftFormerBlock(dim, cfg.mlp_ratio, drop_paths[-1], cfg.layer_scale_init, cfg.attention,
+                                       cfg.attention_revision))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class SwiftFormer(ClassifierModel):
+    """SwiftFormer classifier; ``forward`` returns logits (a (cls, dist) pair while training with distillation)."""
+
+    family = "swiftformer"
+    stride = 32
+
+    def __init__(self, config: SwiftFormerConfig):
+        super().__init__(config)
+        dims, depths = config.embed_dims, config.depths
+        self.stem = nn.Sequential(ConvNorm(config.in_chans, dims[0] // 2, 3, stride=2, bias=True), nn.ReLU(),
+                                  ConvNorm(dims[0] // 2, dims[0], 3, stride=2, bias=True), nn.ReLU())
+        total = sum(depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        stages, start, prev = [], 0, dims[0]
+        self.feature_info = []
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            stages.append(SwiftFormerStage(prev, dim, depth, i > 0, rates[start:start + depth], config))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
+            start, prev = start + depth, dim
+        self.stages = nn.ModuleList(stages)
+        self.num_features = dims[-1]
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self._init_heads()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def _fold_final_norm(self) -> None:
+        if isinstance(self.norm, nn.BatchNorm2d):
+            self.head = fuse_bn_linear(self.norm, self.head)
+            if self.head_dist is not None:
+                self.head_dist = fuse_bn_linear(self.norm, self.head_dist)
+            self.norm = nn.Identity()
+
+
+def _variant(name, dims, depths, params_m, gmacs, top1, latency_ms):
+    register_model(name, SwiftFormer, SwiftFormerConfig(embed_dims=dims, depths=depths), family="swiftformer",
+                   timm_name=name, published=dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms,
+                                                  latency_device="iPhone 14 (Core ML)"))
+
+
+_variant("swiftformer_xs", (48, 56, 112, 220), (3, 3, 6, 4), 3.475, 0.602, 75.7, 0.7)
+_variant("swiftformer_s", (48, 64, 168, 224), (3, 3, 9, 6), 6.092, 0.985, 78.5, 0.8)
+_variant("swiftformer_l1", (48, 96, 192, 384), (4, 3, 10, 5), 12.058, 1.596, 80.9, 1.1)
+_variant("swiftformer_l3", (64, 128, 320, 512), (4, 4, 12, 6), 28.495, 4.008, 83.0, 1.9)

@@ -1,0 +1,95 @@
+"""Model registry: every variant is a name bound to a model class and a frozen config."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered variant: how to build it and what its paper published about it."""
+
+    name: str
+    family: str
+    model_cls: type
+    config: Any
+    published: dict = field(default_factory=dict)  # params_m, gmacs, top1, latency_ms, latency_device
+    timm_name: str | None = None
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, model_cls: type, config: Any, *, family: str, published: dict | None = None,
+                   timm_name: str | None = None) -> None:
+    """Register ``name``; a name registered twice is a programming error and raises."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError("a model config must be a dataclass instance")
+    _REGISTRY[name] = ModelEntry(name, family, model_cls, config, dict(published or {}), timm_name)
+
+
+def _ensure_loaded() -> None:
+    from . import models  # noqa: F401  (importing the family modules registers their variants)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, optionally filtered by a shell-style pattern (``"swiftformer_*"``)."""
+    _ensure_loaded()
+    names = sorted(_REGISTRY)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name``; an unknown name raises a KeyError that suggests close names."""
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(sorted(_REGISTRY))}"
+        raise KeyError(f"unknown model {name!r}{hint}")
+    return _REGISTRY[name]
+
+
+def resolve_config(name: str, **overrides: Any):
+    """The variant's config with ``overrides`` applied; an unknown field raises a TypeError naming the valid ones."""
+    entry = get_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        msgs = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+            msgs.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise TypeError(f"{name} has no config field {', '.join(msgs)}; valid fields: {', '.join(sorted(fields))}")
+    return dataclasses.replace(entry.config, **overrides)
+
+
+def create_model(name: str, *, checkpoint: Any = None, **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a name from ``list_models()``.
+        checkpoint: optional path (``.pth``/``.pt``/``.safetensors``) or state dict to load. Official, timm,
+            Hugging Face and edgevits formats are recognised from the keys. Settings implied by the checkpoint
+            (class count, distillation head, attention revision) are applied unless given in ``overrides``.
+        **overrides: config fields to change (e.g. ``num_classes=10``, ``img_size=256``).
+    """
+    entry = get_entry(name)
+    state = None
+    if checkpoint is not None:
+        from .checkpoint import config_hints, read_checkpoint
+        state, meta = read_checkpoint(checkpoint)
+        overrides = {**config_hints(entry, state, meta), **overrides}
+    config = resolve_config(name, **overrides)
+    model = entry.model_cls(config)
+    model.model_name = name
+    if state is not None:
+        from .checkpoint import load_checkpoint
+        load_checkpoint(model, state)
+    return model

@@ -1,0 +1,127 @@
+"""Helpers for parity checks (used by the test suite and the benchmarks): importing timm without torchvision,
+giving a model weights and BatchNorm statistics that make a comparison sensitive, and measuring the difference."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+import torch
+from torch import nn
+
+
+class _Placeholder:
+    """Stands in for any torchvision name; fails loudly if actually used."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchvision is not installed; edgevits only stubbed it so that timm's model code imports")
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "InterpolationMode":  # timm builds lookup tables from this enum at import time
+            import enum
+            value = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC BOX HAMMING LANCZOS NEAREST_EXACT")
+        else:
+            value = type(name, (_Placeholder,), {})
+        setattr(self, name, value)
+        return value
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def import_timm():
+    """Import timm, registering a stub ``torchvision`` first when the real one is absent.
+
+    timm's model code never calls torchvision, but some of its modules import it at load time; torchvision has no
+    CPU build on the package index these machines use. The stub only satisfies those imports.
+    """
+    if "timm" in sys.modules:
+        return sys.modules["timm"]
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        finder = _StubFinder()
+        sys.meta_path.append(finder)
+        try:
+            import timm
+        finally:  # keep the stub out of sight of other libraries (transformers probes for torchvision)
+            sys.meta_path.remove(finder)
+            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+                del sys.modules[name]
+    import timm
+    return timm
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give ``model`` weights that make a parity check sensitive: random biases, norm affine parameters, layer
+    scales (their 1e-5 init hides mistakes) and attention-bias tables. Conv/Linear weights keep their init."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(p, lo, hi):
+        p.copy_(torch.rand(p.shape, generator=g) * (hi - lo) + lo)
+
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "attention_biases" in name or leaf == "w_g":
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif leaf == "bias":
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        elif "gamma" in leaf or "layer_scale" in name:
+            rand(p, 0.2, 1.0)
+        elif p.dim() == 1:  # norm weights
+            rand(p, 0.5, 1.5)
+    return model
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to the exact average over ``batches`` (train-mode passes with
+    ``momentum=None``), so that in eval mode every BN really normalises. Returns the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x in batches:
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+def logits_of(out) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0] if len(out) == 1 else out
+    if hasattr(out, "logits"):  # Hugging Face output objects
+        out = out.logits
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def parity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(relative error of the logits, relative error of their input-dependent part: logits minus batch mean)."""
+    a, b = a.double(), b.double()
+    return rel_err(a, b), rel_err(a - a.mean(0), b - b.mean(0))

@@ -74,7 +74,7 @@ class SwiftFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.local(x)
         b, c, h, w = x.shape
-        t = self.attn(x.flatten(2).transpose(1, 2))  # (B, N, C) tokens
+        t = self.attn(x.flatten(2).transpose(1, 2), (h, w))  # (B, N, C) tokens; hw for attentions on the grid
         x = x + self.drop_path(self.layer_scale_1(t.transpose(1, 2).reshape(b, c, h, w)))
         return x + self.drop_path(self.layer_scale_2(self.mlp(x)))
 

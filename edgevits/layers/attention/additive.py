@@ -14,6 +14,7 @@ class AdditiveAttention(nn.Module):
     q = norm(Wq x), k = norm(Wk x) (L2 over channels); a = (q w_g) / sqrt(D); the token weights a are L2-normalised
     over the tokens (``revision="current"``, the official code since 2023-07-26). The global query g = sum_n a_n q_n
     gates every key, and ``out = final(proj(g * k) + q)``. Cost: O(N D^2) for the Linears, O(N D) for the rest.
+    ``hw`` is accepted for the common token interface and unused.
 
     ``revision="legacy"`` reproduces the first release (and Hugging Face transformers): a softmax over the size-1
     axis, which is constantly 1, so ``w_g`` has no effect and g is the plain sum of the queries. Checkpoints of the
@@ -32,7 +33,7 @@ class AdditiveAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.final = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         q = F.normalize(self.to_query(x), dim=-1)  # (B, N, D)
         k = F.normalize(self.to_key(x), dim=-1)
         a = (q @ self.w_g) * self.scale  # (B, N, 1): one weight per token

@@ -103,13 +103,22 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: boo
     name = getattr(model, "model_name", "")
     if meta.get("model") and name and meta["model"] != name:
         raise CheckpointError(f"checkpoint was saved from {meta['model']!r}, but the model is {name!r}")
+    implied = detect_source(getattr(model, "family", ""), sd)
+    implied = implied.hints(sd) if implied else {}
+    config = getattr(model, "config", None)
+    for field_name in ("attention_revision",):  # settings that change outputs without changing any shape
+        want, have = implied.get(field_name), getattr(config, field_name, None)
+        if want is not None and have is not None and want != have:
+            raise CheckpointError(
+                f"checkpoint implies {field_name}={want!r} but the model was built with {have!r}; build it with "
+                f"create_model(..., {field_name}={want!r}) or pass the checkpoint to create_model, which does so")
     sd, source = convert_state_dict(model, sd)
     resized = adapt_bias_tables(model, sd)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
+    missing = [k for k in own if k not in sd]  # in model order, so the first lines point at the first layers
+    unexpected = [k for k in sd if k not in own]
     clashes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+               for k in own if k in sd and sd[k].shape != own[k].shape]
     if clashes or (strict and (missing or unexpected)):
         lines = [f"checkpoint ({source} format) does not fit {name or type(model).__name__}:"]
         for title, items in (("shape clashes", clashes), ("missing keys", missing), ("unexpected keys", unexpected)):

@@ -1,0 +1,66 @@
+"""Multi-head self-attention on tokens, optionally with a learned relative-position bias (EfficientFormer V1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bias import RelPosBias
+from ..misc import to_2tuple
+
+
+class MHSA(nn.Module):
+    """Multi-head self-attention on tokens (B, N, C) -> (B, N, C).
+
+    ``qkv`` projects every token to, per head, a query and a key of ``key_dim`` and a value of
+    ``attn_ratio * key_dim`` channels (the official split order [q, k, v] inside each head's slice);
+    ``softmax(q k^T / sqrt(key_dim) + B) v`` is computed per head and ``proj`` maps the concatenated values back
+    to ``dim``.
+
+    ``resolution`` (int or (H, W)) is the token grid at the training resolution: it sizes the relative-position
+    bias table ``rel_pos.attention_biases`` (heads, H*W). ``resolution=None`` means no bias: plain MHSA.
+    ``forward(x, hw)`` takes the token grid (H, W) of ``x``; at a grid other than the training one the table is
+    resized bicubically (see ``edgevits.layers.bias``). In this (train/eval) form the bias is gathered from the
+    live parameter on every call, so it is never stale; ``edgevits.fuse_model`` replaces it by a gathered buffer.
+
+    Cost: O(N^2 d) for the attention itself (N tokens, d = heads * (key_dim + value_dim) channels) plus
+    O(N C d) for the projections; memory O(heads N^2). Quadratic in the number of tokens, which is why
+    EfficientFormer only uses it at stride 32.
+    """
+
+    def __init__(self, dim: int, key_dim: int = 32, num_heads: int = 8, attn_ratio: float = 4.0,
+                 resolution: int | tuple[int, int] | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.scale = key_dim ** -0.5
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Linear(num_heads * self.val_dim, dim)
+        self.rel_pos = RelPosBias(num_heads, to_2tuple(resolution)) if resolution is not None else None
+
+    def _grid(self, n: int, hw: tuple[int, int] | None) -> tuple[int, int]:
+        if hw is not None:
+            if hw[0] * hw[1] != n:
+                raise ValueError(f"token grid {tuple(hw)} does not hold {n} tokens")
+            return int(hw[0]), int(hw[1])
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} tokens do not form a square grid; pass hw=(H, W) to the attention")
+        return side, side
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, 2*key_dim + val_dim)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        bias = None
+        if self.rel_pos is not None:
+            grid = self._grid(n, hw)
+            bias = self.rel_pos(grid, grid).to(q.dtype)  # (heads, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}"

@@ -1,0 +1,253 @@
+"""EfficientViT-MSRA (Liu et al., CVPR 2023): sandwich blocks around cascaded group attention.
+
+Matches the official microsoft/Cream ``EfficientViT/classification/model/efficientvit.py`` (and timm's
+``efficientvit_msra``). Not MIT's EfficientViT, which shares the name.
+
+Layout: a stride-16 stem of four 3x3 stride-2 conv+BN (ReLU between), then three stages. A block is
+dw3x3 -> FFN -> local window attention -> dw3x3 -> FFN, each a residual branch. Stages 2 and 3 open with a
+downsample: [dw3x3, FFN] at the old width, PatchMerging (1x1 -> ReLU -> dw3x3 s2 -> ReLU -> squeeze-excite -> 1x1),
+[dw3x3, FFN] at the new width. The head is BN1d + Linear on the pooled features.
+
+Any input size works; ``stride`` (16) is the multiple the input check asks for. Windows are clipped to the stage's
+map and padded as in the official code; bias tables resize where the window changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import ConvNorm, DropPath, NormLinear, to_2tuple
+from ..layers.attention.cascaded import LocalWindowAttention
+from ..registry import register_model
+from .base import ClassifierModel, ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class EfficientViTConfig(ModelConfig):
+    distillation: bool = False  # the released checkpoints have a single head
+    embed_dims: tuple[int, ...] = (64, 128, 192)
+    depths: tuple[int, ...] = (1, 2, 3)
+    num_heads: tuple[int, ...] = (4, 4, 4)
+    key_dims: tuple[int, ...] = (16, 16, 16)
+    window_sizes: tuple[int, ...] = (7, 7, 7)
+    kernels: tuple[int, ...] = (5, 5, 5, 5)  # query depthwise kernel of each head
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = len(self.embed_dims)
+        if not (len(self.depths) == len(self.num_heads) == len(self.key_dims) == len(self.window_sizes) == n):
+            raise ValueError("embed_dims, depths, num_heads, key_dims and window_sizes need one entry per stage")
+        if max(self.num_heads) > len(self.kernels):
+            raise ValueError(f"kernels {self.kernels} needs one entry per head (up to {max(self.num_heads)})")
+        for dim, heads in zip(self.embed_dims, self.num_heads):
+            if dim % heads:
+                raise ValueError(f"embed dim {dim} is not divisible by {heads} heads")
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class DWConvResidual(ConvNorm):
+    """``x + BN(dw3x3(x))``. The deploy form is a single depthwise conv (identity added to the centre tap)."""
+
+    def __init__(self, dim: int, bn_weight_init: float = 1.0, drop_path: float = 0.0):
+        super().__init__(dim, dim, 3, groups=dim, bn_weight_init=bn_weight_init)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(super().forward(x))
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        conv = super().fuse()
+        conv.weight[:, 0, 1, 1] += 1.0
+        return conv
+
+
+class FFN(nn.Module):
+    """``x + BN(1x1(ReLU(BN(1x1(x)))))``, expansion 2, the last BN starting at 0."""
+
+    def __init__(self, dim: int, hidden: int, drop_path: float = 0.0):
+        super().__init__()
+        self.pw1 = ConvNorm(dim, hidden, 1)
+        self.pw2 = ConvNorm(hidden, dim, 1, bn_weight_init=0.0)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.pw2(torch.relu(self.pw1(x))))
+
+    def fuse(self) -> nn.Module:
+        if isinstance(self.pw1, nn.Conv2d) and isinstance(self.pw2, nn.Conv2d):
+            return _FusedFFN(self.pw1, self.pw2)
+        return self
+
+
+class _FusedFFN(nn.Module):
+    """Deploy FFN: the residual is accumulated into the second conv's output in place (fewer allocations)."""
+
+    def __init__(self, pw1: nn.Conv2d, pw2: nn.Conv2d):
+        super().__init__()
+        self.pw1, self.pw2 = pw1, pw2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(torch.relu_(self.pw1(x))).add_(x)
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc2(ReLU(fc1(mean(x))))) with 1x1 convs (timm's SEModule as EfficientViT uses it)."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25):
+        super().__init__()
+        rd = _make_divisible(channels * rd_ratio)
+        self.fc1 = nn.Conv2d(channels, rd, 1)
+        self.fc2 = nn.Conv2d(rd, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(s)
+
+
+class PatchMerging(nn.Module):
+    """1x1 (x4) -> ReLU -> dw3x3 stride 2 -> ReLU -> squeeze-excite -> 1x1 to ``out_dim``."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hidden = dim * 4
+        self.conv1 = ConvNorm(dim, hidden, 1)
+        self.conv2 = ConvNorm(hidden, hidden, 3, stride=2, groups=hidden)
+        self.se = SqueezeExcite(hidden, 0.25)
+        self.conv3 = ConvNorm(hidden, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.se(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+
+
+class Downsample(nn.Module):
+    """[dw3x3, FFN] at ``dim``, PatchMerging to ``out_dim`` (stride 2), [dw3x3, FFN] at ``out_dim``."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.res1 = nn.Sequential(DWConvResidual(dim), FFN(dim, dim * 2))
+        self.patchmerge = PatchMerging(dim, out_dim)
+        self.res2 = nn.Sequential(DWConvResidual(out_dim), FFN(out_dim, out_dim * 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.patchmerge(self.res1(x)))
+
+
+class EfficientViTBlock(nn.Module):
+    """dw3x3 -> FFN -> local window attention -> dw3x3 -> FFN, each branch residual (the "sandwich")."""
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, resolution: int, window: int,
+                 kernels: tuple[int, ...], drop_path: float = 0.0):
+        super().__init__()
+        attn_ratio = dim / (key_dim * num_heads)  # value channels = dim / heads
+        self.dw0 = DWConvResidual(dim, 0.0, drop_path)
+        self.ffn0 = FFN(dim, dim * 2, drop_path)
+        self.mixer = LocalWindowAttention(dim, key_dim, num_heads, attn_ratio, resolution, window, kernels)
+        self.drop_path = DropPath(drop_path)
+        self.dw1 = DWConvResidual(dim, 0.0, drop_path)
+        self.ffn1 = FFN(dim, dim * 2, drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ffn0(self.dw0(x))
+        x = x + self.drop_path(self.mixer(x))
+        return self.ffn1(self.dw1(x))
+
+
+class EfficientViTStage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, key_dim: int, num_heads: int,
+                 resolution: int, window: int, kernels: tuple[int, ...], drop_paths: list[float]):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[EfficientViTBlock(dim, key_dim, num_heads, resolution, window, kernels,
+                                                        drop_paths[j]) for j in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class EfficientViT(ClassifierModel):
+    """EfficientViT-MSRA classifier; ``forward`` returns logits (a (cls, dist) pair while training with the
+    optional distillation head)."""
+
+    family = "efficientvit"
+    stride = 16
+
+    def __init__(self, config: EfficientViTConfig):
+        super().__init__(config)
+        dims = config.embed_dims
+        c0 = dims[0]
+        self.stem = nn.Sequential(ConvNorm(config.in_chans, c0 // 8, 3, stride=2), nn.ReLU(),
+                                  ConvNorm(c0 // 8, c0 // 4, 3, stride=2), nn.ReLU(),
+                                  ConvNorm(c0 // 4, c0 // 2, 3, stride=2), nn.ReLU(),
+                                  ConvNorm(c0 // 2, c0, 3, stride=2))
+        resolution = min(to_2tuple(config.img_size)) // 16  # the map side at the training size: sizes bias tables
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        stages, start, prev, reduction = [], 0, c0, 16
+        self.feature_info = []
+        for i, dim in enumerate(dims):
+            if i > 0:
+                resolution, reduction = (resolution - 1) // 2 + 1, reduction * 2
+            depth = config.depths[i]
+            stages.append(EfficientViTStage(prev, dim, depth, i > 0, config.key_dims[i], config.num_heads[i],
+                                            resolution, config.window_sizes[i], config.kernels,
+                                            rates[start:start + depth]))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+            start, prev = start + depth, dim
+        self.stages = nn.ModuleList(stages)
+        self.num_features = dims[-1]
+        self._init_heads()
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = NormLinear(self.num_features, num_classes)
+        nn.init.trunc_normal_(head.linear.weight, std=0.02)
+        nn.init.zeros_(head.linear.bias)
+        return head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        for head in (self.head, self.head_dist):  # a fresh BN1d head must follow the model's train/eval mode
+            if head is not None:
+                head.train(self.training)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+_PUBLISHED = dict(latency_device="V100 (throughput, img/s)")
+
+
+def _variant(name, dims, depths, heads, kernels, params_m, gmacs, top1, throughput):
+    cfg = EfficientViTConfig(embed_dims=dims, depths=depths, num_heads=heads, kernels=kernels)
+    register_model(name, EfficientViT, cfg, family="efficientvit", timm_name=name,
+                   published=dict(params_m=params_m, gmacs=gmacs, top1=top1, throughput=throughput, **_PUBLISHED))
+
+
+_variant("efficientvit_m0", (64, 128, 192), (1, 2, 3), (4, 4, 4), (5, 5, 5, 5), 2.349, 0.079, 63.2, 27644)
+_variant("efficientvit_m1", (128, 144, 192), (1, 2, 3), (2, 3, 3), (7, 5, 3, 3), 2.981, 0.167, 68.4, 20093)
+_variant("efficientvit_m2", (128, 192, 224), (1, 2, 3), (4, 3, 2), (7, 5, 3, 3), 4.188, 0.201, 70.8, 18218)
+_variant("efficientvit_m3", (128, 240, 320), (1, 2, 3), (4, 3, 4), (5, 5, 5, 5), 6.901, 0.263, 73.4, 16644)
+_variant("efficientvit_m4", (128, 256, 384), (1, 2, 3), (4, 4, 4), (7, 5, 3, 3), 8.804, 0.299, 74.3, 15914)
+_variant("efficientvit_m5", (192, 288, 384), (1, 3, 4), (3, 3, 4), (7, 5, 3, 3), 12.474, 0.522, 77.1, 10621)

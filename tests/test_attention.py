@@ -1,0 +1,206 @@
+"""The attention zoo: one interface, reference formulas, swapping into SwiftFormer, and the cost analysis."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import edgevits
+from edgevits.analyze import (_crossing, add_analyze, analyze_attention, count_flops, fit_exponent,
+                              plot_attention)
+from edgevits.layers.attention import (REGISTRY, AdditiveAttention, MapToTokens, SeparableAttention,
+                                       TokensToMap, TransposedAttention)
+from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+
+DIM = 32
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_attention_maps_tokens_to_tokens_and_trains(name):
+    torch.manual_seed(0)
+    attn = REGISTRY[name](DIM)
+    x = torch.randn(2, 20, DIM, requires_grad=True)  # a 4x5 grid, not square
+    y = attn(x, (4, 5))
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for pname, p in attn.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient reached {pname}"
+        assert p.grad.abs().sum() > 0, f"{name}: zero gradient at {pname}"
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_attention_documents_its_complexity(name):
+    cls = REGISTRY[name]
+    doc = (cls.__doc__ or "") + (getattr(cls(DIM).__class__, "__doc__", "") or "")
+    assert "O(N" in doc, f"{name}: the docstring should state the cost in N"
+
+
+def test_additive_attention_matches_the_formula_in_both_revisions():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, DIM)
+    for revision in ("current", "legacy"):
+        attn = AdditiveAttention(DIM, revision=revision)
+        q = F.normalize(x @ attn.to_query.weight.T + attn.to_query.bias, dim=-1)
+        k = F.normalize(x @ attn.to_key.weight.T + attn.to_key.bias, dim=-1)
+        if revision == "current":
+            a = (q @ attn.w_g) / math.sqrt(DIM)  # (B, N, 1)
+            a = a / a.norm(dim=1, keepdim=True)  # L2 over the tokens
+        else:
+            a = torch.ones(2, 9, 1)  # softmax over a size-1 axis
+        g = (a * q).sum(dim=1, keepdim=True)
+        inner = (g * k) @ attn.proj.weight.T + attn.proj.bias + q
+        ref = inner @ attn.final.weight.T + attn.final.bias
+        assert _rel(attn(x), ref) < 1e-6, revision
+
+
+def test_legacy_additive_attention_ignores_w_g():
+    torch.manual_seed(0)
+    attn = AdditiveAttention(DIM, revision="legacy")
+    x = torch.randn(1, 9, DIM)
+    before = attn(x)
+    with torch.no_grad():
+        attn.w_g.mul_(-3.0)
+    assert torch.equal(before, attn(x))
+
+
+def test_separable_attention_matches_the_formula():
+    torch.manual_seed(0)
+    attn = SeparableAttention(DIM)
+    x = torch.randn(2, 12, DIM)
+    w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+    scores = x @ w[:1].T + b[:1]  # (B, N, 1)
+    key = x @ w[1:DIM + 1].T + b[1:DIM + 1]
+    value = x @ w[DIM + 1:].T + b[DIM + 1:]
+    weights = torch.exp(scores) / torch.exp(scores).sum(dim=1, keepdim=True)
+    context = (weights * key).sum(dim=1, keepdim=True)
+    ref = (torch.clamp(value, min=0) * context) @ attn.out_proj.weight.T + attn.out_proj.bias
+    assert _rel(attn(x), ref) < 1e-6
+
+
+def test_separable_attention_equals_mobilevit_v2_on_one_patch_pixel():
+    """timm's MobileViT-v2 layer on (B, C, P=1, N) is the same map with 1x1 convolutions."""
+    timm = import_timm()
+    from timm.models.mobilevit import LinearSelfAttention
+    torch.manual_seed(0)
+    ours, ref = SeparableAttention(DIM).eval(), LinearSelfAttention(DIM).eval()
+    sd = {k: v.reshape(ref.state_dict()[k].shape) for k, v in ours.state_dict().items()}
+    ref.load_state_dict(sd)
+    x = torch.randn(2, 12, DIM)
+    expected = ref(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)  # (B, C, 1, N) -> (B, N, C)
+    assert timm is not None and _rel(ours(x), expected) < 1e-6
+
+
+def test_transposed_attention_equals_xcit_cross_covariance_attention():
+    import_timm()
+    from timm.models.edgenext import CrossCovarianceAttn
+    torch.manual_seed(0)
+    ours = TransposedAttention(DIM, num_heads=4).eval()
+    ref = CrossCovarianceAttn(DIM, num_heads=4, qkv_bias=True).eval()
+    with torch.no_grad():
+        ours.temperature.uniform_(0.5, 2.0)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 12, DIM)
+    assert _rel(ours(x), ref(x)) < 1e-6
+
+
+def test_transposed_attention_picks_a_head_count_dividing_the_width():
+    assert TransposedAttention(220).num_heads == 5
+    assert TransposedAttention(64).num_heads == 8
+    with pytest.raises(ValueError, match="divisible"):
+        TransposedAttention(30, num_heads=4)
+
+
+def test_map_and_token_adapters_are_inverse_layouts():
+    torch.manual_seed(0)
+    attn = SeparableAttention(DIM)
+    x = torch.randn(2, DIM, 3, 5)
+    tokens = x.flatten(2).transpose(1, 2)
+    y = TokensToMap(attn)(x)
+    assert torch.allclose(y.flatten(2).transpose(1, 2), attn(tokens), atol=1e-6)
+    back = MapToTokens(TokensToMap(attn))(tokens, (3, 5))
+    assert torch.allclose(back, attn(tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="hw="):
+        MapToTokens(TokensToMap(attn))(tokens)  # 15 tokens are not a square
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_swiftformer_with_another_attention_builds_trains_and_fuses(name):
+    torch.manual_seed(0)
+    model = edgevits.create_model("swiftformer_xs", attention=name, num_classes=10, depths=(1, 1, 1, 1))
+    x = torch.randn(2, 3, 64, 64)
+    cls, dist = model(x)
+    (cls.sum() + dist.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        randomize_(model)
+        calibrate_bn(model, [torch.randn(4, 3, 64, 64) for _ in range(2)])
+        ref = model(x)
+        fused = edgevits.fuse_model(model)
+        out = fused(x)
+    assert out.shape == (2, 10)
+    assert parity(out, ref)[0] < 1e-5
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+
+
+def test_swiftformer_rejects_an_unknown_attention_with_the_choices():
+    with pytest.raises(ValueError, match="separable"):
+        edgevits.create_model("swiftformer_xs", attention="linformer")
+
+
+def test_default_swiftformer_state_dict_keys_do_not_depend_on_the_zoo():
+    keys = set(edgevits.create_model("swiftformer_xs").state_dict())
+    assert "stages.0.blocks.2.attn.w_g" in keys and not any(".attn.attn." in k for k in keys)
+
+
+def test_flop_count_includes_the_attention_products():
+    mhsa = REGISTRY["mhsa"](DIM).to("meta")
+    small, big = count_flops(mhsa, 64, DIM), count_flops(mhsa, 256, DIM)
+    linears = 2 * 4 * DIM * DIM  # q, k, v and output projections, per token
+    assert small == linears * 64 + 4 * 64 * 64 * DIM
+    assert big == linears * 256 + 4 * 256 * 256 * DIM
+
+
+def test_fit_exponent_and_crossing():
+    assert fit_exponent([(n, 3.0 * n ** 2) for n in (10, 100, 1000)]) == pytest.approx(2.0)
+    assert fit_exponent([(10, 1.0)]) is None
+    assert _crossing([(10, 2.0), (100, 0.5)]) == {"tokens": 32, "status": "crossed", "between": [10, 100]}
+    assert _crossing([(10, 0.5), (100, 0.4)])["status"] == "below_range"
+    assert _crossing([(10, 0.5), (100, 1.5)])["status"] == "not_reached"
+
+
+def test_analysis_on_a_tiny_grid_writes_json_and_png(tmp_path):
+    steps = []
+    result = analyze_attention(16, [16, 64, 256], ["additive", "mhsa", "separable"], target_s=0.002,
+                               min_repeats=2, max_repeats=3, on_step=lambda d, t, label: steps.append((d, t)))
+    assert steps[-1] == (9, 9)
+    assert {r["attention"] for r in result.records} == {"additive", "mhsa", "separable"}
+    assert all(r["flops"] > 0 and r["latency_ms"] > 0 and r["peak_mib"] > 0 for r in result.records)
+    assert result.exponents["mhsa"]["flops"] > result.exponents["additive"]["flops"]
+    assert result.crossover["flops"]["status"] in ("crossed", "below_range")
+    data = json.loads(open(result.save_json(str(tmp_path / "a.json"))).read())
+    assert data["dim"] == 16 and len(data["records"]) == 9 and "latency" in data["crossover"]
+    png = plot_attention(result, str(tmp_path / "a.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_command_prints_and_writes(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_analyze(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["analyze", "attention", "--dim", "16", "--tokens", "16,64",
+                              "--attentions", "additive,mhsa", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "exponent" in out and "cheaper than MHSA" in out
+    assert json.loads((tmp_path / "attention.json").read_text())["tokens"] == [16, 64]
+    assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    bad = parser.parse_args(["analyze", "attention", "--attentions", "nope", "--out", str(tmp_path)])
+    assert bad.func(bad) == 2

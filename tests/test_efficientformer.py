@@ -1,0 +1,142 @@
+"""EfficientFormer V1: exact parity with timm and with official-format files, any input size, a bias that is never
+stale, resizing bias tables on load, and errors for checkpoints of another variant."""
+import re
+
+import pytest
+import torch
+
+import edgevits
+from edgevits import CheckpointError
+from edgevits.layers.attention.mhsa import MHSA
+from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+
+VARIANTS = ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
+
+
+def _calibrated(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    randomize_(model, seed)  # weights, BN affines, layer scales and the bias tables
+    return calibrate_bn(model, [torch.randn(2, 3, 224, 224, generator=g) for _ in range(2)])
+
+
+def _assert_parity(out, ref):
+    logits, centred = parity(out, ref)
+    assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)
+    assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "logits do not depend on the input"
+
+
+def _timm_reference(name):
+    return _calibrated(import_timm().create_model(name))
+
+
+def _random_model(name="efficientformer_l1", **kw):
+    return _calibrated(edgevits.create_model(name, **kw))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_timm_weights_give_timm_outputs(name):
+    ref = _timm_reference(name)
+    ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        _assert_parity(ours(x), ref(x))
+
+
+def _to_official(timm_sd):
+    """timm keys -> official snap-research keys (the inverse of timm's checkpoint filter)."""
+    stem = {"conv1": "0", "norm1": "1", "conv2": "3", "norm2": "4"}
+    out = {}
+    for k, v in timm_sd.items():
+        k = re.sub(r"^stem\.(conv1|norm1|conv2|norm2)\.", lambda m: f"patch_embed.{stem[m[1]]}.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.", lambda m: f"network.{2 * int(m[1])}.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.conv\.", lambda m: f"network.{2 * int(m[1]) - 1}.proj.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.norm\.", lambda m: f"network.{2 * int(m[1]) - 1}.norm.", k)
+        k = re.sub(r"\.ls([12])\.gamma$", r".layer_scale_\1", k).replace("head_dist.", "dist_head.")
+        out[k] = v
+    return out
+
+
+def test_official_checkpoint_file_loads_and_matches(tmp_path):
+    ref = _timm_reference("efficientformer_l1")
+    official = _to_official(ref.state_dict())
+    assert "network.6.4.token_mixer.attention_bias_idxs" in official  # the derived buffer is in the file
+    assert "network.5.proj.weight" in official and official["network.0.0.layer_scale_1"].shape == (48,)
+    path = tmp_path / "efficientformer_l1.pth"
+    torch.save({"model": official}, path)
+    ours = edgevits.create_model("efficientformer_l1", checkpoint=path).eval()
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        _assert_parity(ours(x), ref(x))
+    report = edgevits.load_checkpoint(ours, path)
+    assert report["source"] == "official" and not report["missing"]
+
+
+def test_tables_resized_on_load_match_tables_resized_at_run_time():
+    sd = _random_model().state_dict()
+    at_224 = edgevits.create_model("efficientformer_l1", checkpoint=sd).eval()
+    at_256 = edgevits.create_model("efficientformer_l1", img_size=256, checkpoint=sd).eval()
+    assert at_256.stages[3].blocks[-1].attn.rel_pos.attention_biases.shape == (8, 64)
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(at_256(x), at_224(x), rtol=0, atol=1e-5 * at_224(x).abs().max())
+
+
+@pytest.mark.parametrize("size", [160, 256, 384, (192, 288)], ids=str)
+def test_any_size_divisible_by_32_in_eval_and_deploy_form(size):
+    model = _random_model()
+    deployed = edgevits.fuse_model(model)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        out, ref = deployed(x), model(x)
+    assert out.shape == (2, 1000)
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_bias_is_never_stale_after_in_place_updates():
+    model = _random_model().eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # the official code and timm would cache the gathered bias here
+        for module in model.modules():
+            if hasattr(module, "attention_biases"):
+                module.attention_biases.data.add_(1.0)  # an in-place write
+                module.attention_biases.mul_(0.9).add_(0.1 * torch.randn_like(module.attention_biases))  # EMA-like
+        fresh = edgevits.create_model("efficientformer_l1", checkpoint=model.state_dict()).eval()
+        assert torch.equal(model(x), fresh(x))
+        # load_state_dict after eval() is honoured too
+        other = _random_model(**{}).state_dict()
+        model.load_state_dict(other)
+        assert torch.equal(model(x), edgevits.create_model("efficientformer_l1", checkpoint=other).eval()(x))
+
+
+def test_deploy_form_gathers_once_and_folds_every_norm_affine():
+    deployed = edgevits.fuse_model(_random_model())
+    names = {type(m).__name__ for m in deployed.modules()}
+    assert "BatchNorm2d" not in names and "RelPosBias" not in names and "FrozenRelPosBias" in names
+    assert all(not isinstance(m, torch.nn.LayerNorm) or m.weight is None for m in deployed.modules())
+    assert deployed.head_dist is None
+    assert not any("attention_biases" in k for k, _ in deployed.named_parameters())
+
+
+def test_checkpoint_of_another_variant_names_the_shape_clashes():
+    sd = edgevits.create_model("efficientformer_l1").state_dict()
+    with pytest.raises(CheckpointError, match=r"shape clashes") as info:
+        edgevits.create_model("efficientformer_l3", checkpoint=sd)
+    assert "stem.0.conv.weight" in str(info.value)
+
+
+def test_mhsa_without_bias_is_plain_self_attention():
+    attn = MHSA(64, key_dim=16, num_heads=4, attn_ratio=2).eval()
+    assert attn.rel_pos is None
+    x = torch.randn(2, 12, 64)
+    q, k, v = attn.qkv(x).view(2, 12, 4, -1).transpose(1, 2).split([16, 16, 32], dim=3)
+    ref = attn.proj(((q @ k.transpose(-1, -2)) * 16 ** -0.5).softmax(-1).matmul(v).transpose(1, 2).reshape(2, 12, -1))
+    assert torch.allclose(attn(x), ref, atol=1e-6)
+
+
+def test_mhsa_with_bias_needs_the_grid_for_non_square_token_counts():
+    attn = MHSA(32, key_dim=8, num_heads=2, resolution=(2, 3))
+    assert attn(torch.randn(1, 6, 32), hw=(2, 3)).shape == (1, 6, 32)
+    with pytest.raises(ValueError, match="hw="):
+        attn(torch.randn(1, 6, 32))

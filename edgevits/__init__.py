@@ -1,5 +1,6 @@
 """edgevits: exact, fast, deployable efficient vision transformers (SwiftFormer, EfficientFormer V1/V2,
 EfficientViT-MSRA)."""
+from .deploy import deploy
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .flops import count_macs, count_params
 from .fuse import fuse_model
@@ -8,6 +9,6 @@ from .registry import create_model, get_entry, list_models
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "count_macs", "count_params", "create_model", "fuse_model", "get_entry", "list_models",
+    "CheckpointError", "count_macs", "deploy", "count_params", "create_model", "fuse_model", "get_entry", "list_models",
     "load_checkpoint", "read_checkpoint", "save_checkpoint", "__version__",
 ]

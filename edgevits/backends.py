@@ -1,0 +1,96 @@
+"""Runners: the same model behind one call signature on each inference backend (PyTorch eager, channels-last,
+torch.compile, ONNX Runtime, OpenVINO). Used by the benchmark and by ``edgevits.deploy``."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .export import _quiet, export_onnx, onnx_session, openvino_compiled
+
+BACKENDS = ("eager", "eager_cl", "compile", "onnxruntime", "openvino")
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here (missing package, unsupported device or dtype)."""
+
+
+def _eager(model: nn.Module, channels_last: bool) -> Runner:
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return run
+
+
+def _compiled(model: nn.Module, example: torch.Tensor) -> Runner:
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True  # constant-fold weights into the graph (inference only)
+    compiled = torch.compile(model, backend="inductor", dynamic=False)
+    with torch.no_grad(), _quiet():
+        compiled(example)  # compile now, not inside the timed region
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return compiled(x)
+    return run
+
+
+def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool) -> Runner:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable("onnxruntime is not installed") from e
+    path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse)
+    session = onnx_session(path, threads)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    return run
+
+
+def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool) -> Runner:
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise BackendUnavailable("openvino is not installed (pip install 'edgevits[openvino]')") from e
+    onnx_path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse)
+    ov.save_model(ov.convert_model(str(onnx_path)), str(workdir / "model.xml"), compress_to_fp16=False)
+    compiled = openvino_compiled(workdir / "model.xml", threads)
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(request.infer([x.numpy()])[0].copy())
+    return run
+
+
+def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: int | None = None,
+                workdir: str | Path | None = None, fuse: bool = True) -> Runner:
+    """A callable ``x -> logits`` for ``model`` on ``backend``.
+
+    ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends; the exporters fuse it
+    when ``fuse`` is true (pass ``fuse=False`` for foreign models such as timm's). ``example`` fixes device, dtype
+    and image size (ONNX/OpenVINO graphs keep a dynamic batch axis). Raises ``BackendUnavailable``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    model = model.eval()
+    if backend in ("onnxruntime", "openvino") and (example.device.type != "cpu" or example.dtype != torch.float32):
+        raise BackendUnavailable(f"{backend} runs here on CPU in float32 only")
+    if backend == "eager":
+        return _eager(model, channels_last=False)
+    if backend == "eager_cl":
+        return _eager(model, channels_last=True)
+    if backend == "compile":
+        return _compiled(model, example)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="edgevits-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if backend == "onnxruntime":
+        return _onnxruntime(model, example, threads, workdir, fuse)
+    return _openvino(model, example, threads, workdir, fuse)

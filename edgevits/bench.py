@@ -1,0 +1,260 @@
+"""``edgevits bench``: params, MACs and measured latency/throughput of the deploy form on each backend, optionally
+side by side with timm's implementation of the same variant carrying the same weights.
+
+Timings of everything measured for one model are interleaved (A, B, C, A, B, C, ...), so machine noise hits all
+of them alike and the ratios are meaningful even on a busy machine.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .backends import BACKENDS, BackendUnavailable, make_runner
+from .flops import count_macs, count_params
+from .fuse import fuse_model
+from .registry import create_model, get_entry, list_models
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BenchSpec:
+    """What to measure. Every field is also a flag of ``edgevits bench``."""
+
+    models: list[str] = field(default_factory=list)  # empty: every registered model
+    img_size: int = 224
+    batch_sizes: tuple[int, ...] = (1, 16)
+    backends: tuple[str, ...] = ("eager", "onnxruntime")
+    threads: int | None = None  # torch/ORT/OpenVINO intra-op threads; None: torch's default
+    device: str = "cpu"
+    dtype: str = "float32"
+    warmup: int = 3
+    repeats: int = 20  # at most; fewer when budget_s runs out (never fewer than min_repeats)
+    min_repeats: int = 5
+    budget_s: float = 3.0  # time budget per model and batch size for the timed runs of all its runners
+    compare: str | None = None  # "timm": the same variants from timm, same weights, interleaved
+
+
+def measure_peak_gflops(threads: int | None = None, n: int = 1536, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate (GFLOP/s): the compute ceiling the models are judged against."""
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(runners: dict[str, Callable], x: torch.Tensor, warmup: int, repeats: int,
+                     min_repeats: int, budget_s: float, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call for each runner, measured round-robin (the order rotates every round)."""
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name](x)
+    _sync(device)
+    times = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        if r >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runners[name](x)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _timm_twin(name: str):
+    """timm's implementation of ``name`` carrying ``model``'s weights (ours are loaded from timm's state dict)."""
+    from .testing import calibrate_bn, import_timm, randomize_
+    entry = get_entry(name)
+    if not entry.timm_name:
+        raise BackendUnavailable(f"{name} has no timm counterpart")
+    timm = import_timm()
+    ref = timm.create_model(entry.timm_name)
+    randomize_(ref)
+    calibrate_bn(ref, [torch.randn(2, 3, 224, 224)])
+    ours = create_model(name, checkpoint=ref.state_dict()).eval()
+    return ref.eval(), ours
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every model of ``spec``; returns ``{"machine": {...}, "records": [...]}`` (one record per model,
+    source, backend and batch size). ``progress(message)`` is called before each step."""
+    names = spec.models or list_models()
+    for name in names:
+        get_entry(name)  # unknown names fail before any work
+    for b in spec.backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    dtype = DTYPES[spec.dtype]
+    peak = measure_peak_gflops(spec.threads) if spec.device == "cpu" else None
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "device": spec.device,
+               "dtype": spec.dtype, "peak_gflops_measured": peak}
+    records = []
+    with tempfile.TemporaryDirectory(prefix="edgevits-bench-") as tmp:
+        for name in names:
+            entry = get_entry(name)
+            if progress:
+                progress(f"{name}: building")
+            if spec.compare == "timm":
+                timm_model, model = _timm_twin(name)
+            else:
+                timm_model, model = None, create_model(name).eval()
+            params = count_params(model)
+            macs = count_macs(model, spec.img_size)
+            deployed = fuse_model(model).to(spec.device, dtype)
+            example = torch.randn(2, 3, spec.img_size, spec.img_size, device=spec.device, dtype=dtype)
+            runners, notes = {}, {}
+            candidates = [("edgevits", b, deployed, True) for b in spec.backends]
+            if timm_model is not None:
+                timm_model = timm_model.to(spec.device, dtype)
+                candidates += [("timm", b, timm_model, False) for b in spec.backends]
+            for source, backend, net, fuse in candidates:
+                if progress:
+                    progress(f"{name}: preparing {source} {backend}")
+                try:
+                    runners[(source, backend)] = make_runner(net, backend, example, spec.threads,
+                                                             Path(tmp) / f"{name}-{source}-{backend}", fuse=fuse)
+                except BackendUnavailable as e:
+                    notes[(source, backend)] = str(e)
+                except Exception as e:  # a backend that fails on one model must not end the run
+                    notes[(source, backend)] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            for batch in spec.batch_sizes:
+                if progress:
+                    progress(f"{name}: timing batch {batch}")
+                x = torch.randn(batch, 3, spec.img_size, spec.img_size, device=spec.device, dtype=dtype)
+                times = time_interleaved({f"{s}/{b}": fn for (s, b), fn in runners.items()}, x, spec.warmup,
+                                         spec.repeats, spec.min_repeats, spec.budget_s, spec.device)
+                for (source, backend) in [(s, b) for s, b, _, _ in candidates]:
+                    rec = dict(model=name, family=entry.family, source=source, backend=backend, batch=batch,
+                               img_size=spec.img_size, threads=machine["threads"], device=spec.device,
+                               dtype=spec.dtype, params_m=round(params / 1e6, 3), gmacs=round(macs / 1e9, 4),
+                               top1=entry.published.get("top1"))
+                    ts = times.get(f"{source}/{backend}")
+                    if not ts:
+                        rec["note"] = notes.get((source, backend), "not run")
+                        records.append(rec)
+                        continue
+                    med = statistics.median(ts)
+                    gflops = 2 * macs * batch / med / 1e9
+                    rec.update(median_ms=med * 1e3, p10_ms=_percentile(ts, 0.1) * 1e3,
+                               p90_ms=_percentile(ts, 0.9) * 1e3, runs=len(ts), img_per_s=batch / med,
+                               gflops_per_s=gflops, peak_fraction=gflops / peak if peak else None)
+                    records.append(rec)
+                _add_ratios(records, name, batch)
+    return {"machine": machine, "spec": asdict(spec), "records": records}
+
+
+def _add_ratios(records: list[dict], name: str, batch: int) -> None:
+    """timm_over_ours on each of our records that has a timm twin on the same backend (and vs timm's best)."""
+    mine = [r for r in records if r["model"] == name and r["batch"] == batch and "median_ms" in r]
+    timm = {r["backend"]: r["median_ms"] for r in mine if r["source"] == "timm"}
+    if not timm:
+        return
+    best_timm = min(timm.values())
+    for r in mine:
+        if r["source"] == "edgevits":
+            if r["backend"] in timm:
+                r["timm_over_ours"] = timm[r["backend"]] / r["median_ms"]
+            r["best_timm_over_ours"] = best_timm / r["median_ms"]
+
+
+def summary(result: dict) -> dict:
+    """Geometric means of timm/ours per batch size: same backend (eager) and best of ours vs best of timm."""
+    out = {}
+    recs = [r for r in result["records"] if "median_ms" in r]
+    for batch in sorted({r["batch"] for r in recs}):
+        eager = [r["timm_over_ours"] for r in recs if r["batch"] == batch and r["source"] == "edgevits"
+                 and r["backend"] == "eager" and "timm_over_ours" in r]
+        best = []
+        for name in sorted({r["model"] for r in recs}):
+            ours = [r["median_ms"] for r in recs if r["model"] == name and r["batch"] == batch
+                    and r["source"] == "edgevits"]
+            theirs = [r["median_ms"] for r in recs if r["model"] == name and r["batch"] == batch
+                      and r["source"] == "timm"]
+            if ours and theirs:
+                best.append(min(theirs) / min(ours))
+        gm = (lambda v: math.exp(sum(map(math.log, v)) / len(v)) if v else None)
+        out[f"batch{batch}"] = {"eager_timm_over_ours_geomean": gm(eager), "best_timm_over_best_ours_geomean": gm(best),
+                                "models": len(best)}
+    return out
+
+
+def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``bench.json``, ``bench.csv`` and ``latency_vs_top1.png`` under ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "summary": summary(result)}
+    paths = {"json": out / "bench.json", "csv": out / "bench.csv", "png": out / "latency_vs_top1.png"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    cols = sorted({k for r in result["records"] for k in r}, key=lambda k: list(result["records"][0]).index(k)
+                  if k in result["records"][0] else 100)
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(result["records"])
+    plot_latency_vs_top1(result["records"], paths["png"])
+    return paths
+
+
+def plot_latency_vs_top1(records: list[dict], path: str | Path) -> None:
+    """Published ImageNet top-1 against measured batch-1 latency of our fastest backend, one line per family
+    (the papers' Figure 1, on this machine)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    batch = min(r["batch"] for r in records)
+    best: dict[str, dict] = {}
+    for r in records:
+        if r["source"] != "edgevits" or r["batch"] != batch or "median_ms" not in r or r.get("top1") is None:
+            continue
+        if r["model"] not in best or r["median_ms"] < best[r["model"]]["median_ms"]:
+            best[r["model"]] = r
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for family in sorted({r["family"] for r in best.values()}):
+        pts = sorted((r["median_ms"], r["top1"], r["model"]) for r in best.values() if r["family"] == family)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+        for ms, top1, name in pts:
+            ax.annotate(name.split("_", 1)[-1], (ms, top1), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency, batch {batch}, fastest backend (ms, log scale)")
+    ax.set_ylabel("ImageNet-1K top-1 (%, published)")
+    ax.set_title("Accuracy vs latency measured on this machine")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

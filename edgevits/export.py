@@ -1,0 +1,159 @@
+"""Export the deploy form to ONNX or OpenVINO, with a parity check against PyTorch that fails loudly."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fuse import fuse_model
+from .layers import to_2tuple
+
+FORMATS = ("onnx", "openvino")
+
+
+class ExportError(RuntimeError):
+    """An export that failed or whose outputs disagree with PyTorch."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress lines and warnings on every call; keep them out of the user's output."""
+    previous = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(previous)
+
+
+def _deploy_form(model: nn.Module) -> nn.Module:
+    return model if getattr(model, "is_deploy_form", False) else fuse_model(model)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
+                opset: int = 18, check: bool = True, atol: float = 1e-4, fuse: bool = True) -> Path:
+    """Write the deploy form of ``model`` to ``path`` as one self-contained ONNX file (weights inside) with a
+    dynamic batch axis (input ``x``: (batch, C, H, W); output ``logits``), then check it with ONNX Runtime.
+
+    The example input has batch 2: a batch-1 example lets the exporter specialise the batch axis to 1.
+    Raises ``ExportError`` if the exported graph disagrees with PyTorch by more than ``atol`` (relative to the
+    largest output) at batch 1 or 3. ``fuse=False`` exports ``model`` as it is (e.g. a timm model).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deployed = _deploy_form(model) if fuse else model.eval()
+    config = getattr(model, "config", None)
+    h, w = to_2tuple(img_size or getattr(config, "img_size", 224))
+    in_chans = getattr(config, "in_chans", 3)
+    example = torch.randn(2, in_chans, h, w)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _quiet():
+            torch.onnx.export(deployed, (example,), str(tmp), dynamo=True, input_names=["x"],
+                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, opset_version=opset,
+                              external_data=False)
+    except Exception as first:  # the TorchScript exporter still handles some graphs the dynamo one cannot
+        try:
+            with _quiet():
+                torch.onnx.export(deployed, (example,), str(tmp), dynamo=False, input_names=["x"],
+                                  output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=opset)
+        except Exception as second:
+            tmp.unlink(missing_ok=True)
+            raise ExportError(f"ONNX export failed: {first!r}; TorchScript exporter: {second!r}") from second
+    os.replace(tmp, path)
+    if check:
+        check_onnx(deployed, path, (in_chans, h, w), atol=atol)
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _max_rel(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-6))
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, path: str | os.PathLike, chw: tuple[int, int, int], atol: float = 1e-4,
+               batches: tuple[int, ...] = (1, 3)) -> float:
+    """Run the ONNX file and ``model`` on random inputs at each batch size; return the worst relative error or
+    raise ``ExportError`` above ``atol``."""
+    session = onnx_session(path)
+    worst = 0.0
+    for b in batches:
+        x = torch.randn(b, *chw)
+        ref = model(x).numpy()
+        out = session.run(None, {"x": x.numpy()})[0]
+        if out.shape != ref.shape:
+            raise ExportError(f"ONNX output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
+        err = _max_rel(out, ref)
+        if err > atol:
+            raise ExportError(f"ONNX output differs from PyTorch by {err:.2e} (relative) at batch {b} (> {atol})")
+        worst = max(worst, err)
+    return worst
+
+
+def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
+                    check: bool = True, atol: float = 1e-4) -> Path:
+    """Write an OpenVINO IR (``path`` .xml + .bin) converted from the ONNX export, checked against PyTorch."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise ExportError("OpenVINO is not installed: pip install 'edgevits[openvino]'") from e
+    path = Path(path).with_suffix(".xml")
+    deployed = _deploy_form(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(deployed, Path(tmp) / "model.onnx", img_size, check=False)
+        ov_model = ov.convert_model(str(onnx_path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    if check:
+        h, w = to_2tuple(img_size or getattr(model.config, "img_size", 224))
+        compiled = openvino_compiled(path)
+        with torch.no_grad():
+            for b in (1, 3):
+                x = torch.randn(b, getattr(model.config, "in_chans", 3), h, w)
+                ref = deployed(x).numpy()
+                out = compiled(x.numpy())[0]
+                err = _max_rel(out, ref)
+                if err > atol:
+                    raise ExportError(f"OpenVINO output differs from PyTorch by {err:.2e} at batch {b} (> {atol})")
+    return path
+
+
+def openvino_compiled(path: str | os.PathLike, threads: int | None = None):
+    """An OpenVINO CPU model compiled at full fp32 precision (the CPU plugin may otherwise pick bf16/fp16)."""
+    import openvino as ov
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(path), "CPU", config)
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", **kwargs) -> Path:
+    """Export in ``format`` ("onnx" or "openvino"); see ``export_onnx`` / ``export_openvino``."""
+    if format == "onnx":
+        return export_onnx(model, path, **kwargs)
+    if format == "openvino":
+        return export_openvino(model, path, **kwargs)
+    raise ValueError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")

@@ -49,8 +49,8 @@ BASELINE, CHALLENGER = "mhsa", "additive"
 @dataclass
 class AttentionAnalysis:
     """What ``analyze_attention`` measured. ``records`` has one dict per (attention, N): ``attention``,
-    ``tokens``, ``flops``, ``latency_ms`` (median), ``latency_iqr_ms``, ``repeats``, ``peak_mib`` and ``skipped``
-    (why latency/memory were not measured, else None)."""
+    ``tokens``, ``flops``, ``latency_ms`` (median), ``latency_iqr_ms``, ``latency_min_ms``, ``repeats``, ``peak_mib``
+    and ``skipped`` (why latency/memory were not measured, else None)."""
 
     dim: int
     tokens: list[int]
@@ -274,7 +274,7 @@ def analyze_attention(dim: int = 64, tokens: tuple[int, ...] | list[int] = DEFAU
         modules = {name: REGISTRY[name](dim).eval() for name in names}
         metas = {name: copy.deepcopy(m).to("meta") for name, m in modules.items()}
         records = {(name, n): dict(attention=name, tokens=n, flops=count_flops(metas[name], n, dim), latency_ms=None,
-                                   latency_iqr_ms=None, repeats=0, peak_mib=None, skipped=None)
+                                   latency_iqr_ms=None, latency_min_ms=None, repeats=0, peak_mib=None, skipped=None)
                    for name in names for n in tokens}
         with reuse_freed_memory(reuse_memory) as reused:
             result.environment["reuse_freed_memory"] = reused
@@ -354,7 +354,7 @@ def _measure(result, modules, records, tokens, dim, max_call_s, max_mem_mib, tar
             q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
             med = statistics.median(ts)
             records[(name, n)].update(latency_ms=round(med * 1e3, 5), latency_iqr_ms=round((q[2] - q[0]) * 1e3, 5),
-                                      repeats=len(ts))
+                                      latency_min_ms=round(ts[0] * 1e3, 5), repeats=len(ts))
             history[name]["t"].append((n, med))
             done += 1
             if on_step:

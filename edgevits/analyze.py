@@ -396,6 +396,70 @@ def plot_attention(result: AttentionAnalysis, path: str) -> str:
     return path
 
 
+def analyze_swaps(model: str = "swiftformer_xs", names: list[str] | None = None, img_size: int = 224, *,
+                  threads: int | None = 1, target_s: float = 0.5, min_repeats: int = 3, max_repeats: int = 20,
+                  reuse_memory: bool = True, on_step: Callable[[int, int, str], None] | None = None) -> dict:
+    """SwiftFormer with each attention swapped in (the paper's ablation setting): parameters, GMACs and the batch-1
+    CPU latency (median, deploy form from ``fuse_model``, models timed round-robin) at ``img_size``.
+
+    Returns ``{"model", "img_size", "records": [{"attention", "params_m", "gmacs", "latency_ms",
+    "latency_iqr_ms", "repeats"}], "environment"}``.
+    """
+    from .flops import count_macs, count_params
+    from .fuse import fuse_model
+    from .registry import create_model
+
+    names = list(names or REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown attention(s) {', '.join(unknown)}; choose from {', '.join(REGISTRY)}")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        env = _environment(torch.get_num_threads())
+        x = torch.randn(1, 3, img_size, img_size)
+        models, records = {}, {}
+        for i, name in enumerate(names):
+            torch.manual_seed(0)
+            net = create_model(model, attention=name).eval()
+            records[name] = dict(attention=name, params_m=round(count_params(net) / 1e6, 4),
+                                 gmacs=round(count_macs(net, img_size) / 1e9, 4))
+            models[name] = fuse_model(net)
+            if on_step:
+                on_step(i + 1, 2 * len(names), f"built {model} with {name}")
+        with reuse_freed_memory(reuse_memory) as reused, torch.inference_mode():
+            env["reuse_freed_memory"] = reused
+            estimate = {}
+            for name, net in models.items():
+                net(x)  # warm-up
+                t0 = time.perf_counter()
+                net(x)
+                estimate[name] = time.perf_counter() - t0
+            need = {n: int(min(max_repeats, max(min_repeats, math.ceil(target_s / max(t, 1e-6)))))
+                    for n, t in estimate.items()}
+            times: dict[str, list[float]] = {n: [] for n in models}
+            while any(len(times[n]) < need[n] for n in models):
+                for name, net in models.items():
+                    if len(times[name]) < need[name]:
+                        t0 = time.perf_counter()
+                        net(x)
+                        times[name].append(time.perf_counter() - t0)
+                        if len(times[name]) == need[name] and on_step:
+                            on_step(len(names) + sum(len(times[n]) >= need[n] for n in models), 2 * len(names),
+                                    f"timed {name}")
+        for name, ts in times.items():
+            ts.sort()
+            q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+            records[name].update(latency_ms=round(statistics.median(ts) * 1e3, 3),
+                                 latency_iqr_ms=round((q[2] - q[0]) * 1e3, 3), repeats=len(ts))
+    finally:
+        torch.set_num_threads(old_threads)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["loadavg_end"] = list(load) if load else None
+    return {"model": model, "img_size": img_size, "records": [records[n] for n in names], "environment": env}
+
+
 # -- command line ---------------------------------------------------------------------------------------------
 def _fmt(metric: str, v) -> str:
     if v is None:
@@ -458,9 +522,48 @@ def _cmd_attention(args) -> int:
     return 0
 
 
+def _cmd_swap(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    names = args.attentions.split(",") if args.attentions else None
+    console = Console(width=max(Console().width, 100))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("building", total=1)
+
+        def on_step(done, total, label):
+            progress.update(task, total=total, completed=done, description=label)
+
+        try:
+            result = analyze_swaps(args.model, names, args.img_size, threads=args.threads or None, on_step=on_step)
+        except (ValueError, KeyError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    env = result["environment"]
+    table = Table(title=f"{result['model']} with each attention, {result['img_size']}x{result['img_size']}, "
+                        f"batch 1, deploy form, {env['threads']} thread(s)")
+    for col in ("attention", "params (M)", "GMACs", "latency (ms)", "IQR (ms)"):
+        table.add_column(col, justify="left" if col == "attention" else "right")
+    for r in result["records"]:
+        table.add_row(r["attention"], f"{r['params_m']:.3f}", f"{r['gmacs']:.3f}", f"{r['latency_ms']:.1f}",
+                      f"{r['latency_iqr_ms']:.1f}")
+    console.print(table)
+    console.print(f"{env['date_utc']}, torch {env['torch']}, load average {env['loadavg_start']} -> "
+                  f"{env['loadavg_end']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        console.print(f"wrote {args.json}")
+    return 0
+
+
 def add_analyze(sub) -> None:
     """``edgevits analyze attention ...``."""
-    p = sub.add_parser("analyze", help="analyses: `analyze attention` measures the attention zoo against N")
+    p = sub.add_parser("analyze", help="analyses: `analyze attention` measures the attention zoo against N, "
+                                       "`analyze swap` SwiftFormer with each attention")
     asub = p.add_subparsers(dest="analysis", required=True)
     a = asub.add_parser("attention", help="FLOPs, latency and peak memory of each attention as tokens grow")
     a.add_argument("--dim", type=int, default=64, help="token width C (default 64)")
@@ -481,3 +584,10 @@ def add_analyze(sub) -> None:
     a.add_argument("--json", default=None, help="JSON output path (default OUT/attention.json)")
     a.add_argument("--out", default="analysis", help="output folder for the PNG plot (and JSON) (default analysis)")
     a.set_defaults(func=_cmd_attention)
+    w = asub.add_parser("swap", help="SwiftFormer with each attention swapped in: params, GMACs, latency")
+    w.add_argument("--model", default="swiftformer_xs", help="a SwiftFormer variant (default swiftformer_xs)")
+    w.add_argument("--img-size", type=int, default=224)
+    w.add_argument("--attentions", default=None, help=f"comma-separated subset of {','.join(REGISTRY)}")
+    w.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1; 0: torch's)")
+    w.add_argument("--json", default=None, help="also write the records to this JSON file")
+    w.set_defaults(func=_cmd_swap)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import edgevits
-from edgevits.analyze import (_crossing, add_analyze, analyze_attention, count_flops, fit_exponent,
+from edgevits.analyze import (_crossing, add_analyze, analyze_attention, analyze_swaps, count_flops, fit_exponent,
                               plot_attention)
 from edgevits.layers.attention import (REGISTRY, AdditiveAttention, MapToTokens, SeparableAttention,
                                        TokensToMap, TransposedAttention)
@@ -208,3 +208,12 @@ def test_analyze_command_prints_and_writes(tmp_path, capsys):
     assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
     bad = parser.parse_args(["analyze", "attention", "--attentions", "nope", "--out", str(tmp_path)])
     assert bad.func(bad) == 2
+
+
+def test_swap_analysis_reports_params_gmacs_and_latency():
+    result = analyze_swaps("swiftformer_xs", ["additive", "separable"], img_size=64, target_s=0.01, min_repeats=2,
+                           max_repeats=2)
+    rows = {r["attention"]: r for r in result["records"]}
+    assert rows["additive"]["params_m"] == pytest.approx(3.475, abs=5e-4)
+    assert rows["separable"]["params_m"] < rows["additive"]["params_m"]  # no w_g, a 1 + 2C projection
+    assert all(r["gmacs"] > 0 and r["latency_ms"] > 0 and r["repeats"] == 2 for r in rows.values())

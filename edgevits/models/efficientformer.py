@@ -93,15 +93,52 @@ class Meta4D(nn.Module):
         return Meta4DDeploy(self.ls1.gamma, fc1, fc2, self.pool.kernel_size)
 
 
+def _probe_onednn_linear() -> bool:
+    """Whether this PyTorch build has oneDNN's fused linear kernels (x86 and most ARM builds do)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(2, 4), torch.ones(3, 4)
+        ok = torch.allclose(op(x, w, None, "gelu", [], "none"), F.gelu(x @ w.t()))
+        return ok and torch.allclose(op.binary(x, torch.ones(2, 3), w, None, "add"), x @ w.t() + 1)
+    except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
+        return False
+
+
+_ONEDNN_LINEAR = _probe_onednn_linear()
+
+
+def _fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The oneDNN fused kernels have no autograd and are invisible to exporters and compilers: use them only for
+    plain float32 CPU inference in eager mode."""
+    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+            and not torch.onnx.is_in_onnx_export())
+
+
+def _linear_gelu(x: torch.Tensor, linear: nn.Linear, fused: bool) -> torch.Tensor:
+    """``gelu(linear(x))``, as one oneDNN kernel (GEMM with a GELU epilogue) when ``fused``."""
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, linear.weight, linear.bias))
+
+
+def _linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``residual + linear(x)``, as one oneDNN kernel (GEMM with an add epilogue) when ``fused``."""
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
+    return F.linear(x, linear.weight, linear.bias).add_(residual)
+
+
 class Meta4DDeploy(nn.Module):
     """Deploy form of Meta4D, written for eager speed at small batches on CPU.
 
-    BatchNorms and ``ls2`` are folded into the two 1x1 convs, which run as Linears on channels-last memory (one
-    GEMM each, no im2col or layout reorders); the token mixer and its residual are one ``lerp``
-    (``x + g * (pool(x) - x) == lerp(x, pool(x), g)``); the average pool itself runs on channels-last memory,
-    where PyTorch's CPU kernel is several times faster than on NCHW. Input and output are (B, C, H, W) maps
-    with channels-last strides, so consecutive blocks, the strided downsampling convs and ``Flat`` (which becomes
-    a view) never copy.
+    BatchNorms and ``ls2`` are folded into the two 1x1 convs, which run as GEMMs on channels-last memory (no
+    im2col, no layout reorders), with GELU and the residual add fused into them where oneDNN's kernels exist;
+    the token mixer and its residual are one ``lerp`` (``x + g * (pool(x) - x) == lerp(x, pool(x), g)``); the
+    average pool runs on channels-last memory, where PyTorch's CPU kernel is several times faster than on NCHW.
+    Input and output are (B, C, H, W) maps with channels-last strides, so consecutive blocks, the strided
+    downsampling convs and ``Flat`` (which becomes a view) never copy.
     """
 
     def __init__(self, gamma: torch.Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d, pool_size: int):
@@ -116,7 +153,8 @@ class Meta4DDeploy(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first block
         x = torch.lerp(x, F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False), self.gamma)
         t = x.permute(0, 2, 3, 1)  # (B, H, W, C): a contiguous view of the channels-last map
-        t = F.linear(F.gelu(F.linear(t, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias).add_(t)
+        fused = _fused_kernels_usable(t, self.fc1.weight)
+        t = _linear_add(_linear_gelu(t, self.fc1, fused), self.fc2, t, fused)
         return t.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
 
 
@@ -149,13 +187,32 @@ class Meta3D(nn.Module):
     @torch.no_grad()
     def fuse(self) -> nn.Module:
         """Fold the LayerNorm affines into the following Linears and the layer scales into the preceding ones."""
-        if isinstance(self.ls1, LayerScale):
-            _fold_ln_affine(self.norm1, self.attn.qkv)
-            _fold_ln_affine(self.norm2, self.mlp.fc1)
-            scale_output_(self.attn.proj, self.ls1.gamma)
-            scale_output_(self.mlp.fc2, self.ls2.gamma)
-            self.ls1, self.ls2 = nn.Identity(), nn.Identity()
-        return self
+        _fold_ln_affine(self.norm1, self.attn.qkv)
+        _fold_ln_affine(self.norm2, self.mlp.fc1)
+        scale_output_(self.attn.proj, self.ls1.gamma)
+        scale_output_(self.mlp.fc2, self.ls2.gamma)
+        return Meta3DDeploy(self.norm1, self.attn, self.norm2, self.mlp.fc1, self.mlp.fc2)
+
+
+class Meta3DDeploy(nn.Module):
+    """Deploy form of Meta3D: plain LayerNorms (their affines live in ``qkv`` and ``fc1``), layer scales folded
+    into ``proj`` and ``fc2``, GELU and the residual adds fused into the GEMMs where oneDNN's kernels exist."""
+
+    def __init__(self, norm1: nn.LayerNorm, attn: MHSA, norm2: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.fc1, self.fc2 = norm1, attn, norm2, fc1, fc2
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        attn = self.attn
+        fused = _fused_kernels_usable(x, self.fc1.weight)
+        b, n, _ = x.shape
+        qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(b, n, attn.num_heads, -1).transpose(1, 2).split([attn.key_dim, attn.key_dim, attn.val_dim],
+                                                                           dim=3)  # (B, heads, N, d) each
+        bias = attn.rel_pos(*(2 * [attn._grid(n, hw)])) if attn.rel_pos is not None else None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # (B, heads, N, val_dim)
+        x = _linear_add(o.transpose(1, 2).reshape(b, n, -1), attn.proj, x, fused)
+        return _linear_add(_linear_gelu(self.norm2(x), self.fc1, fused), self.fc2, x, fused)
 
 
 @torch.no_grad()

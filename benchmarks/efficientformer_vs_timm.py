@@ -1,0 +1,76 @@
+"""Batch-1 CPU latency of edgevits' EfficientFormer V1 (eval form and eager deploy form) vs timm's eager model
+(not a test).
+
+All three models carry the same randomised weights (timm's, loaded into edgevits); outputs are checked to agree,
+then they are timed interleaved in one process (A, B, C, A, B, C, ...; the order rotates every round) and the
+medians compared, so that load from other processes affects all alike. Besides wall time the script reports the
+calling thread's CPU time (``time.thread_time``), which a busy machine disturbs far less; with ``--threads 1``
+all the work runs on that thread, so the CPU-time ratio is the robust figure.
+
+    python benchmarks/efficientformer_vs_timm.py --models l1 l3 l7 --runs 30 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import edgevits
+from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+
+
+@torch.inference_mode()
+def compare(variant: str, runs: int = 30, warmup: int = 3, size: int = 224) -> dict:
+    """Median batch-1 wall and thread-CPU milliseconds of timm eager, edgevits eval form and edgevits deploy form."""
+    name = f"efficientformer_{variant}"
+    ref = import_timm().create_model(name)
+    randomize_(ref)
+    with torch.no_grad():
+        calibrate_bn(ref, [torch.randn(2, 3, size, size)])
+    ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
+    deployed = edgevits.fuse_model(ours)
+    x = torch.randn(1, 3, size, size)
+    err = max(parity(deployed(x), ref(x))[0], parity(ours(x), ref(x))[0])
+    models = {"timm": ref, "eval": ours, "deploy": deployed}
+    for m in models.values():
+        for _ in range(warmup):
+            m(x)
+    wall = {k: [] for k in models}
+    cpu = {k: [] for k in models}
+    names = list(models)
+    for r in range(runs):
+        for k in names[r % 3:] + names[:r % 3]:
+            c0, t0 = time.thread_time(), time.perf_counter()
+            models[k](x)
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+            cpu[k].append((time.thread_time() - c0) * 1e3)
+    out = dict(model=name, max_rel_err=err)
+    for k in names:
+        out[f"{k}_wall_ms"] = statistics.median(wall[k])
+        out[f"{k}_cpu_ms"] = statistics.median(cpu[k])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["l1", "l3", "l7"])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"median of {args.runs} interleaved runs; wall ms / thread-CPU ms")
+    print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) |")
+    print("|---|---|---|---|---|")
+    for v in args.models:
+        r = compare(v, args.runs, size=args.size)
+        cells = [f"{r[f'{k}_wall_ms']:.1f} / {r[f'{k}_cpu_ms']:.1f}" for k in ("timm", "eval", "deploy")]
+        speed = (f"{r['timm_wall_ms'] / r['deploy_wall_ms']:.2f}x / {r['timm_cpu_ms'] / r['deploy_cpu_ms']:.2f}x")
+        print(f"| {r['model']} | " + " | ".join(cells) + f" | {speed} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

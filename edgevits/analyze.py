@@ -15,7 +15,8 @@ as the token count N grows:
   tensor; scratch memory that a kernel library allocates on its own is not seen.
 
 It then fits the exponent of each cost against N (least squares on log-log, over the points with N >=
-``fit_from``) and finds the token count at which additive attention becomes cheaper than plain MHSA.
+``fit_from``; for latency also of the fastest repeat, the figure other processes disturb least) and finds the
+token count at which additive attention becomes cheaper than plain MHSA.
 Measurements that would take too long or too much memory (predicted from the previous points) are skipped with a
 note rather than exhausting the machine; FLOPs are still counted for them (on the meta device, no memory used).
 The CLI (``edgevits analyze attention``) prints a table and writes JSON and a log-log PNG plot.
@@ -284,7 +285,7 @@ def analyze_attention(dim: int = 64, tokens: tuple[int, ...] | list[int] = DEFAU
         for name in names:
             result.exponents[name] = {
                 metric: fit_exponent([(n, records[(name, n)][metric]) for n in tokens if n >= fit_from])
-                for metric in METRICS}
+                for metric in METRICS + ("latency_min_ms",)}
         if BASELINE in names and CHALLENGER in names:
             lat = [(n, records[(CHALLENGER, n)]["latency_ms"] / records[(BASELINE, n)]["latency_ms"])
                    for n in tokens if records[(CHALLENGER, n)]["latency_ms"] and records[(BASELINE, n)]["latency_ms"]]
@@ -502,9 +503,13 @@ def _cmd_attention(args) -> int:
         for n in result.tokens:
             table.add_column(str(n), justify="right")
         table.add_column(f"exponent (N>={result.fit_from})", justify="right")
+        if metric == "latency_ms":
+            table.add_column("exp. of fastest", justify="right")
         for name, series in result.values(metric).items():
-            k = result.exponents[name][metric]
-            table.add_row(name, *[_fmt(metric, series[n]) for n in result.tokens], "-" if k is None else f"{k:.2f}")
+            ks = [result.exponents[name][m] for m in ((metric, "latency_min_ms") if metric == "latency_ms"
+                                                      else (metric,))]
+            table.add_row(name, *[_fmt(metric, series[n]) for n in result.tokens],
+                          *["-" if k is None else f"{k:.2f}" for k in ks])
         console.print(table)
     for kind, c in result.crossover.items():
         where = {"crossed": f"from about N = {c['tokens']}", "below_range": f"already at N = {c['tokens']}",

@@ -48,6 +48,15 @@ def make_folder(root: Path, n_train: int = 8, n_val: int = 4, classes=CLASSES, s
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: on a shared, loaded machine two OpenMP threads can be ten times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("data"))
@@ -164,13 +173,27 @@ def test_eval_of_best_equals_the_val_top1_recorded_for_it(data, tmp_path):
     assert meta["weights"] == "ema"
     res = evaluate_checkpoint(str(data), str(tmp_path / "best.safetensors"), "swiftformer_xs", workers=0)
     assert res["val_top1"] == meta["val_top1"] and res["images"] == 12
+    last = evaluate_checkpoint(str(data), str(tmp_path / "last.safetensors"), workers=0)  # model from metadata
+    state = evaluate_checkpoint(str(data), str(tmp_path / "last.state.pt"), workers=0)  # its EMA weights
+    assert state["weights"] == "ema" and state["val_top1"] == last["val_top1"] and state["val_loss"] == last["val_loss"]
     best_row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["epoch"] == meta["epoch"]][0]
     assert best_row["val_top1"] == meta["val_top1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "edgevits", "eval", "--data", str(data / "val"), "--model",
                           "swiftformer_xs", "--checkpoint", str(tmp_path / "best.safetensors"), "--json",
-                          "--workers", "0"], capture_output=True, text=True, check=True)
+                          "--workers", "0"], capture_output=True, text=True, check=True, env=env)
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["val_top1"] == meta["val_top1"] and 0 <= last["val_top5"] <= 1
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0"])
+def test_families_with_attention_biases_train_and_their_best_checkpoint_evaluates_as_recorded(data, tmp_path, name):
+    # the attention-bias tables are gathered from the live parameters, so the EMA copy is never stale
+    train(quick(data, tmp_path, model=name, epochs=1, **{**LIGHT, "ema_decay": 0.8}),
+          log=lambda *_: None)
+    meta = json.loads((tmp_path / "best.json").read_text())
+    res = evaluate_checkpoint(str(data), str(tmp_path / "best.safetensors"), name, workers=0)
+    assert res["val_top1"] == meta["val_top1"] and meta["weights"] == "ema"
 
 
 def test_fine_tuning_on_another_class_count_resets_the_head(data, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def _cmd_train(args) -> int:
         print(f"edgevits train: {e}", file=sys.stderr)
         return 2
     result = train(cfg, log=lambda msg: print(msg, flush=True))
-    if result.metrics and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if result.metrics and os.environ.get("RANK", "0") == "0":
         print(f"best val top-1 {result.best_top1:.4f} at epoch {result.best_epoch}; outputs in {result.output}")
     return 0
 

@@ -42,12 +42,15 @@ class TrainConfig:
     warmup_lr: float = field(default=1e-6, metadata=_help("learning rate at the start of the warm-up"))
     weight_decay: float = field(default=0.025, metadata=_help("AdamW weight decay (not applied to norms and biases)"))
     opt_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
-    clip_grad: float | None = field(default=5.0, metadata=_help("gradient-norm clipping; 0 disables"))
+    clip_grad: float | None = field(default=0.01, metadata=_help("gradient clipping threshold; 0 disables"))
+    clip_mode: str = field(default="agc", metadata=_help(
+        "agc (adaptive: per-unit gradient norm <= clip_grad x weight norm, as the official SwiftFormer recipe), "
+        "norm (global gradient norm) or value"))
     smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
     drop_path: float = field(default=0.0, metadata=_help("stochastic depth rate of the model"))
     ema_decay: float = field(default=0.99996, metadata=_help(
-        "EMA decay of the weights; capped at 1 - 5/total_steps so short runs average over their last fifth at "
-        "most; 0 disables EMA"))
+        "EMA decay of the weights; capped at max(1 - 5/total_steps, 0.9) so that a short run averages over "
+        "about its last fifth at most; 0 disables EMA"))
 
     # augmentation
     hflip: float = field(default=0.5, metadata=_help("horizontal flip probability (0 for digits or text)"))
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError("--teacher given but --distillation is none: pass --distillation hard or soft")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.clip_mode not in ("agc", "norm", "value"):
+            raise ValueError(f"clip_mode must be agc, norm or value, got {self.clip_mode!r}")
         if self.repeated_aug < 1:
             raise ValueError("repeated_aug must be >= 1")
         if not 0 < self.scale_min <= 1:

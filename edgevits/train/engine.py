@@ -151,6 +151,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _unitwise_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm per output unit (dims 1.. of a weight), or of the whole tensor for biases and scales."""
+    if t.ndim <= 1:
+        return t.norm()
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def clip_gradients(params, value: float, mode: str = "agc", eps: float = 1e-3) -> None:
+    """Clip gradients in place. ``agc`` (adaptive gradient clipping, Brock et al. 2021): each unit's gradient norm
+    is scaled down to at most ``value`` x its weight norm (weight norms below ``eps`` count as ``eps``);
+    ``norm``: the global gradient norm to ``value``; ``value``: each element to [-value, value]."""
+    params = [p for p in params if p.grad is not None]
+    if mode == "norm":
+        nn.utils.clip_grad_norm_(params, value)
+    elif mode == "value":
+        nn.utils.clip_grad_value_(params, value)
+    elif mode == "agc":
+        for p in params:
+            limit = _unitwise_norm(p.detach()).clamp_(min=eps) * value
+            norm = _unitwise_norm(p.grad)
+            p.grad.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-6), torch.ones_like(norm)))
+    else:
+        raise ValueError(f"unknown clip mode {mode!r}")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Per-step learning rate: linear warm-up, then cosine down to ``min_lr``."""
@@ -172,7 +198,7 @@ def resolve(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict:
     """The values the run derives from its config (also written to config.json)."""
     global_batch = cfg.batch_size * world_size
     total = cfg.epochs * steps_per_epoch
-    ema = min(cfg.ema_decay, 1 - 5 / max(total, 1)) if cfg.ema_decay > 0 else 0.0
+    ema = min(cfg.ema_decay, max(1 - 5 / max(total, 1), 0.9)) if cfg.ema_decay > 0 else 0.0
     return {"lr": cfg.lr if cfg.lr is not None else 1e-3 * global_batch / 1024, "global_batch": global_batch,
             "world_size": world_size, "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "warmup_epochs": min(cfg.warmup_epochs, cfg.epochs // 5), "ema_decay": max(ema, 0.0)}
@@ -235,7 +261,7 @@ def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = Non
     """Evaluate a checkpoint on an ImageFolder (``data`` holds class folders, or ``val/``). An edgevits training
     checkpoint holds the weights its run evaluated (the EMA when EMA was on); foreign training checkpoints with a
     ``model_ema`` entry are read from it. Returns top-1/top-5 as fractions and what was evaluated."""
-    _, meta = read_checkpoint(checkpoint)
+    source, meta = _eval_source(checkpoint)
     name = model_name or meta.get("model")
     if not name:
         raise ValueError(f"{checkpoint} does not record its model: pass --model")
@@ -244,7 +270,8 @@ def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = Non
         root = root / "val"
     size = img_size or meta.get("img_size") or (meta.get("config") or {}).get("img_size") or 224
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    model = create_model(name, checkpoint=checkpoint, **({"img_size": img_size} if img_size else {}))
+    model = create_model(name, checkpoint=source, **({"img_size": size} if img_size or source is not checkpoint
+                                                      else {}))
     rt = Runtime(device=torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                      ("cpu" if device == "auto" else device)))
     model.to(rt.device)
@@ -259,6 +286,20 @@ def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = Non
             "weights": meta.get("weights", "model"), "val_top1": res["top1"], "val_top5": res["top5"],
             "val_loss": res["loss"], "images": res["images"], "skipped": res["skipped"],
             "recorded_val_top1": meta.get("val_top1")}
+
+
+def _eval_source(checkpoint: str) -> tuple:
+    """``(weights or path, metadata)`` to evaluate: a training state (``*.state.pt``) gives its EMA weights when
+    it has them, else its model weights; other files are read as they are."""
+    if str(checkpoint).endswith(".state.pt"):
+        state = load_state(checkpoint)
+        config = state.get("config") or {}
+        ema = state.get("ema")
+        meta = {"model": config.get("model"), "img_size": config.get("img_size"),
+                "crop_pct": config.get("crop_pct", 0.875), "classes": state.get("classes"),
+                "weights": "ema" if ema else "model"}
+        return (ema["weights"] if ema else state["model"]), meta
+    return checkpoint, read_checkpoint(checkpoint)[1]
 
 
 # ---- resume state --------------------------------------------------------------------------------------------------
@@ -312,9 +353,11 @@ def strip_timing(row: dict) -> dict:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``; see the module docstring for what is written where."""
     rt = setup_runtime(cfg.device)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, rt, log if rt.main else (lambda *_: None))
     finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
         if rt.owns_group:
             dist.destroy_process_group()
 
@@ -433,7 +476,7 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                clip_gradients(raw.parameters(), cfg.clip_grad, cfg.clip_mode)
             opt.step()
             if ema is not None:
                 ema.update(raw)
@@ -470,7 +513,8 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
                 save_checkpoint(raw, out / "best.safetensors", extra=meta, state_dict=weights)
             state = {"epochs_done": epoch + 1, "model": raw.state_dict(), "optimizer": opt.state_dict(),
                      "ema": ema.state() if ema is not None else None, "best_top1": best_top1,
-                     "best_epoch": best_epoch, "rng": _gather_rng(rt), "config": cfg.to_dict()}
+                     "best_epoch": best_epoch, "rng": _gather_rng(rt), "config": cfg.to_dict(),
+                     "classes": classes}
             atomic_write(out / "last.state.pt", lambda tmp: torch.save(state, tmp))
             save_checkpoint(raw, out / "last.safetensors", extra=meta, state_dict=weights)
         else:

@@ -71,6 +71,19 @@ def fuse_linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> nn.Linear:
 
 
 @torch.no_grad()
+def conv1x1_to_linear(conv: nn.Conv2d) -> nn.Linear:
+    """The Linear equal to an ungrouped 1x1 conv, for running it on (..., C) tokens or channels-last maps."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
+        raise ValueError("only an ungrouped, unstrided 1x1 conv is a Linear")
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    linear.weight.copy_(conv.weight.flatten(1))
+    if conv.bias is not None:
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+@torch.no_grad()
 def scale_output_(layer: nn.Conv2d | nn.Linear, gamma: torch.Tensor) -> None:
     """Fold a per-channel output scale (a layer scale) into ``layer`` in place: layer(x) * gamma."""
     gamma = gamma.reshape(-1)

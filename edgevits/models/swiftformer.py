@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import (AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, fuse_bn_linear,
-                      scale_output_)
+import torch.nn.functional as F
+
+from ..layers import (AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, conv1x1_to_linear,
+                      fuse_bn_linear, scale_output_)
 from ..layers.attention import REGISTRY as ATTENTIONS
 from ..registry import register_model
 from .base import ClassifierModel, ModelConfig
@@ -51,11 +53,34 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.layer_scale(self.pw2(self.act(self.pw1(self.dw(x))))))
 
-    def fuse(self) -> nn.Module:
-        if isinstance(self.layer_scale, LayerScale):
-            scale_output_(self.pw2, self.layer_scale.gamma)
-            self.layer_scale = nn.Identity()
-        return self
+    @torch.no_grad()
+    def fuse(self) -> "ConvEncoderDeploy":
+        scale_output_(self.pw2, self.layer_scale.gamma)
+        return ConvEncoderDeploy(self.dw, self.pw1, self.pw2)
+
+
+def _channels_last_conv(conv: nn.Module) -> nn.Module:
+    """A (fused) conv with channels-last weights: oneDNN then never re-lays them out per call."""
+    for m in conv.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return conv
+
+
+class ConvEncoderDeploy(nn.Module):
+    """Deploy form of ConvEncoder on channels-last maps: BN and layer scale folded, the 1x1 convs run as Linears
+    on the (B, H, W, C) view (one GEMM each, no layout copies). In and out: (B, C, H, W), channels-last strides."""
+
+    def __init__(self, dw: nn.Module, pw1: nn.Conv2d, pw2: nn.Conv2d):
+        super().__init__()
+        self.dw = _channels_last_conv(dw.fuse() if hasattr(dw, "fuse") else dw)
+        self.pw1, self.pw2 = conv1x1_to_linear(pw1), conv1x1_to_linear(pw2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first block
+        t = self.dw(x).permute(0, 2, 3, 1)  # (B, H, W, C) view
+        t = self.pw2(F.gelu(self.pw1(t))).add_(x.permute(0, 2, 3, 1))
+        return t.permute(0, 3, 1, 2)
 
 
 class SwiftFormerBlock(nn.Module):
@@ -78,14 +103,39 @@ class SwiftFormerBlock(nn.Module):
         x = x + self.drop_path(self.layer_scale_1(t.transpose(1, 2).reshape(b, c, h, w)))
         return x + self.drop_path(self.layer_scale_2(self.mlp(x)))
 
-    def fuse(self) -> nn.Module:
-        if isinstance(self.layer_scale_2, LayerScale):
-            scale_output_(self.mlp.fc2, self.layer_scale_2.gamma)
-            self.layer_scale_2 = nn.Identity()
-        if isinstance(self.layer_scale_1, LayerScale) and isinstance(getattr(self.attn, "final", None), nn.Linear):
-            scale_output_(self.attn.final, self.layer_scale_1.gamma)
-            self.layer_scale_1 = nn.Identity()
-        return self
+    @torch.no_grad()
+    def fuse(self) -> "SwiftFormerBlockDeploy":
+        return SwiftFormerBlockDeploy(self)
+
+
+class SwiftFormerBlockDeploy(nn.Module):
+    """Deploy form of SwiftFormerBlock: after the local representation everything runs on the (B, N, C) token view
+    of the channels-last map; the MLP's BN folds into its first Linear, the layer scales into the last Linear of
+    their branch (for attentions without a final Linear the scale stays a multiply)."""
+
+    def __init__(self, src: SwiftFormerBlock):
+        super().__init__()
+        self.local = src.local if isinstance(src.local, ConvEncoderDeploy) else src.local.fuse()
+        self.attn = src.attn
+        gamma1 = src.layer_scale_1.gamma.detach().reshape(-1)
+        final = getattr(self.attn, "final", None)
+        if isinstance(final, nn.Linear):
+            scale_output_(final, gamma1)
+            self.register_buffer("gamma1", None)
+        else:
+            self.register_buffer("gamma1", gamma1.clone())
+        mlp = src.mlp.fuse()  # BN folded into fc1
+        scale_output_(mlp.fc2, src.layer_scale_2.gamma)
+        self.fc1, self.fc2 = conv1x1_to_linear(mlp.fc1), conv1x1_to_linear(mlp.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.local(x).contiguous(memory_format=torch.channels_last)
+        b, c, h, w = x.shape
+        t = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, N, C) view of the channels-last map
+        a = self.attn(t, (h, w))
+        t = t + (a if self.gamma1 is None else a * self.gamma1)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class SwiftFormerStage(nn.Module):
@@ -149,6 +199,15 @@ class SwiftFormer(ClassifierModel):
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)
+
+    @torch.no_grad()
+    def fuse(self) -> "SwiftFormer":
+        """Deploy form: the common folding, plus channels-last weights for the stem and the downsamplers (the
+        blocks' deploy forms run on channels-last maps)."""
+        super().fuse()
+        for module in [self.stem, *(stage.downsample for stage in self.stages)]:
+            _channels_last_conv(module)
+        return self
 
     def _fold_final_norm(self) -> None:
         if isinstance(self.norm, nn.BatchNorm2d):

@@ -86,15 +86,49 @@ class FFN(nn.Module):
         return self
 
 
+def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C): a view when ``x`` is stored channels-last (a copy otherwise)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B*H*W, C') rows back to a (B, C', H, W) map stored channels-last (a view)."""
+    b, _, h, w = like.shape
+    return rows.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 class _FusedFFN(nn.Module):
-    """Deploy FFN: the residual is accumulated into the second conv's output in place (fewer allocations)."""
+    """Deploy FFN on the channels-last rows of the map: two matrix products whatever the batch.
+
+    ``pw1`` gains one extra output fixed at 1 (weight 0, bias 1; ReLU keeps it 1) and ``pw2`` a matching input
+    column holding its bias, so the second product adds the bias and the residual in one ``addmm``.
+    """
 
     def __init__(self, pw1: nn.Conv2d, pw2: nn.Conv2d):
         super().__init__()
-        self.pw1, self.pw2 = pw1, pw2
+        with torch.no_grad():
+            w1, w2 = pw1.weight.flatten(1), pw2.weight.flatten(1)  # (hidden, C), (C, hidden)
+            self.register_buffer("w1", torch.cat([w1, w1.new_zeros(1, w1.shape[1])]).t().contiguous())
+            self.register_buffer("b1", torch.cat([pw1.bias, pw1.bias.new_ones(1)]))
+            self.register_buffer("w2", torch.cat([w2, pw2.bias[:, None]], dim=1).t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pw2(torch.relu_(self.pw1(x))).add_(x)
+        rows = _channels_last_rows(x)  # (BHW, C)
+        hidden = torch.relu_(torch.addmm(self.b1, rows, self.w1))  # (BHW, hidden + 1)
+        return _from_rows(torch.addmm(rows, hidden, self.w2), x)
+
+
+class _Pointwise(nn.Module):
+    """Deploy 1x1 conv as a matrix product on the channels-last rows of the map."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        with torch.no_grad():
+            self.register_buffer("weight", conv.weight.flatten(1).t().contiguous())  # (C_in, C_out)
+            self.register_buffer("bias", conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _from_rows(torch.addmm(self.bias, _channels_last_rows(x), self.weight), x)
 
 
 class SqueezeExcite(nn.Module):
@@ -110,6 +144,26 @@ class SqueezeExcite(nn.Module):
         s = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))
         return x * torch.sigmoid(s)
 
+    def fuse(self) -> nn.Module:
+        return _FusedSqueezeExcite(self)
+
+
+class _FusedSqueezeExcite(nn.Module):
+    """Deploy squeeze-excite: the two 1x1 convs on the pooled vector as Linear products."""
+
+    def __init__(self, src: SqueezeExcite):
+        super().__init__()
+        with torch.no_grad():
+            for name in ("fc1", "fc2"):
+                conv = getattr(src, name)
+                self.register_buffer(f"{name}_weight", conv.weight.flatten(1).contiguous())
+                self.register_buffer(f"{name}_bias", conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.linear(torch.relu_(F.linear(x.mean((2, 3)), self.fc1_weight, self.fc1_bias)),
+                     self.fc2_weight, self.fc2_bias)  # (B, C)
+        return x * torch.sigmoid_(s)[:, :, None, None]
+
 
 class PatchMerging(nn.Module):
     """1x1 (x4) -> ReLU -> dw3x3 stride 2 -> ReLU -> squeeze-excite -> 1x1 to ``out_dim``."""
@@ -124,6 +178,40 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.se(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+
+    def fuse(self) -> nn.Module:
+        for name in ("conv1", "conv3"):
+            conv = getattr(self, name)
+            if isinstance(conv, nn.Conv2d):
+                setattr(self, name, _Pointwise(conv))
+        return self
+
+
+class Stem(nn.Sequential):
+    """Four 3x3 stride-2 conv+BN with ReLU between (stride 16). The deploy form also switches the input to
+    channels-last memory, the layout the rest of the deploy form computes in (same values, fewer copies)."""
+
+    channels_last = False
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(ConvNorm(in_chans, dim // 8, 3, stride=2), nn.ReLU(),
+                         ConvNorm(dim // 8, dim // 4, 3, stride=2), nn.ReLU(),
+                         ConvNorm(dim // 4, dim // 2, 3, stride=2), nn.ReLU(),
+                         ConvNorm(dim // 2, dim, 3, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.channels_last:
+            return super().forward(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i in range(0, len(self), 2):  # deploy form: the ReLUs in place
+            x = self[i](x)
+            if i + 1 < len(self):
+                x = torch.relu_(x)
+        return x
+
+    def fuse(self) -> "Stem":
+        self.channels_last = True
+        return self
 
 
 class Downsample(nn.Module):
@@ -155,8 +243,13 @@ class EfficientViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ffn0(self.dw0(x))
-        x = x + self.drop_path(self.mixer(x))
+        y = self.mixer(x)
+        x = x + (self.drop_path(y) if self.training else y)
         return self.ffn1(self.dw1(x))
+
+    def fuse(self) -> nn.Module:
+        self.drop_path = nn.Identity()  # the identity in eval; gone from the deploy form
+        return self
 
 
 class EfficientViTStage(nn.Module):
@@ -182,10 +275,7 @@ class EfficientViT(ClassifierModel):
         super().__init__(config)
         dims = config.embed_dims
         c0 = dims[0]
-        self.stem = nn.Sequential(ConvNorm(config.in_chans, c0 // 8, 3, stride=2), nn.ReLU(),
-                                  ConvNorm(c0 // 8, c0 // 4, 3, stride=2), nn.ReLU(),
-                                  ConvNorm(c0 // 4, c0 // 2, 3, stride=2), nn.ReLU(),
-                                  ConvNorm(c0 // 2, c0, 3, stride=2))
+        self.stem = Stem(config.in_chans, c0)
         resolution = min(to_2tuple(config.img_size)) // 16  # the map side at the training size: sizes bias tables
         total = sum(config.depths)
         rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]

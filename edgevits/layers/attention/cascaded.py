@@ -102,13 +102,42 @@ def _folded(module: nn.Module) -> nn.Conv2d:
     raise TypeError(f"expected a ConvNorm or a fused Conv2d, got {type(module).__name__}")
 
 
-class FusedCascadedGroupAttention(nn.Module):
-    """Deploy form of ``CascadedGroupAttention``: same outputs, fewer and larger ops.
+def dw_matrix(weight: torch.Tensor, size: Size) -> torch.Tensor:
+    """The depthwise conv ``weight`` (C, 1, K, K) (zero padding K // 2, stride 1) on an (H, W) map, as one
+    (C, N, N) matrix per channel: ``out[c, n] = sum_m M[c, n, m] * in[c, m]`` with N = H * W tokens."""
+    k = weight.shape[-1]
+    p = k // 2
+    ys, xs = torch.meshgrid(torch.arange(size[0], device=weight.device), torch.arange(size[1], device=weight.device),
+                            indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dy = ys[None, :] - ys[:, None] + p  # (N, N): tap row used by output n for input m
+    dx = xs[None, :] - xs[:, None] + p
+    valid = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+    idx = dy.clamp(0, k - 1) * k + dx.clamp(0, k - 1)
+    return weight.flatten(1)[:, idx] * valid  # (C, N, N)
 
-    * ``qkv_in``: one grouped 1x1 conv giving every head's projection of its own input chunk (BN folded).
-    * ``cascade``: (heads-1, 2*key_dim + val_dim, val_dim) weights of the correction ``W_i out_{i-1}``.
-    * ``dw_weight``/``dw_bias``: each head's query depthwise conv with the BN and the softmax scale folded in.
-    * ``proj``: the output 1x1 conv with its BN folded; ``pos_bias``: the gathered bias (FrozenRelPosBias).
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents: storage and version counter (inference tensors have none)."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return t.data_ptr(), None
+
+
+class FusedCascadedGroupAttention(nn.Module):
+    """Deploy form of ``CascadedGroupAttention``: same outputs, fewer and cheaper ops at small batch.
+
+    It works on tokens in channels-last order (``forward_tokens``: (B, N, C) with the window's (H, W)), the layout
+    in which every 1x1 conv is one matrix product whatever the batch:
+
+    * ``qkv_weight``/``qkv_bias`` (heads, chunk, 2*key_dim + val_dim): every head's q/k/v projection (BN folded),
+      applied to all the input chunks at once (one batched matrix product).
+    * The cascade: head i adds ``out_{i-1} W_i`` to its precomputed projection (one ``addmm``).
+    * The query's depthwise conv (BN and the softmax scale folded in) runs as one batched matrix product with a
+      per-channel (N, N) matrix (``dw_matrix``), built once per window size: on 7x7 windows that is several times
+      cheaper than a convolution call.
+    * ``proj_weight``/``proj_bias``: the output 1x1 conv with its BN folded; ``pos_bias``: the gathered bias.
     """
 
     def __init__(self, src: CascadedGroupAttention):
@@ -116,49 +145,66 @@ class FusedCascadedGroupAttention(nn.Module):
         self.num_heads, self.key_dim, self.val_dim = src.num_heads, src.key_dim, src.val_dim
         self.kernels = src.kernels
         self.resolution = src.resolution
-        heads = self.num_heads
         qkvs = [_folded(m) for m in src.qkvs]
-        chunk = qkvs[0].in_channels
+        if src.num_heads > 1 and qkvs[0].in_channels != self.val_dim:
+            raise ValueError(f"the cascade needs value channels == chunk channels ({self.val_dim} vs "
+                             f"{qkvs[0].in_channels})")
         with torch.no_grad():
-            weight = torch.cat([m.weight for m in qkvs], dim=0)  # (heads * (2k + d), chunk, 1, 1)
-            bias = torch.cat([m.bias for m in qkvs], dim=0)
-            self.qkv_in = nn.Conv2d(chunk * heads, weight.shape[0], 1, groups=heads)
-            self.qkv_in.weight.copy_(weight)
-            self.qkv_in.bias.copy_(bias)
-            if heads > 1:
-                if chunk != self.val_dim:
-                    raise ValueError("the cascade needs value channels == input chunk channels "
-                                     f"({self.val_dim} vs {chunk})")
-                cascade = torch.stack([m.weight.flatten(1) for m in qkvs[1:]])  # (heads-1, 2k+d, d)
-            else:
-                cascade = weight.new_zeros(0, weight.shape[0], chunk)
-            self.register_buffer("cascade", cascade.contiguous())
-            dws = [_folded(m) for m in src.dws]
-            for i, m in enumerate(dws):  # the softmax scale moves into the query: (s*q) k == s*(q k)
+            weight = torch.stack([m.weight.flatten(1).t() for m in qkvs])  # (heads, chunk, 2k+d)
+            self.register_buffer("qkv_weight", weight.contiguous())
+            self.register_buffer("qkv_bias", torch.stack([m.bias for m in qkvs])[:, None, :].contiguous())
+            # the softmax scale moves into the query: (s q)^T k == s (q^T k)
+            for i, m in enumerate(_folded(m) for m in src.dws):
                 self.register_buffer(f"dw_weight{i}", (m.weight * src.scale).contiguous())
-                self.register_buffer(f"dw_bias{i}", (m.bias * src.scale).contiguous())
-        self.proj = _folded(src.proj)
+                self.register_buffer(f"dw_bias{i}", (m.bias * src.scale)[:, None, None].contiguous())  # (k, 1, 1)
+            proj = _folded(src.proj)
+            self.register_buffer("proj_weight", proj.weight.flatten(1).contiguous())  # (C, heads * d)
+            self.register_buffer("proj_bias", proj.bias.detach().clone())
         pos = src.pos_bias
         self.pos_bias = pos.fuse() if isinstance(pos, RelPosBias) else pos
+        self._dw_cache: dict = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        n = h * w
-        kd, vd = self.key_dim, self.val_dim
-        bias = self.pos_bias((h, w), (h, w))  # (heads, N, N)
-        pre = self.qkv_in(x).view(b, self.num_heads, 2 * kd + vd, n)  # every head's projection of its chunk
+    def _dw_matrices(self, size: Size) -> list[torch.Tensor]:
+        weights = [getattr(self, f"dw_weight{i}") for i in range(self.num_heads)]
+        key = tuple(_stamp(w) for w in weights)
+        hit = self._dw_cache.get(size)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, [dw_matrix(w, size) for w in weights])
+            self._dw_cache[size] = hit
+        return hit[1]
+
+    def _apply(self, fn, recurse=True):  # .to()/.half() move the buffers; cached matrices would not follow
+        self._dw_cache = {}
+        return super()._apply(fn, recurse)
+
+    def forward_tokens(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        """(B, N, C) tokens of windows of size (H, W), N = H * W -> (B, N, C); the same values as
+        ``CascadedGroupAttention`` on the corresponding (B, C, H, W) windows."""
+        b, n, c = x.shape
+        heads, kd = self.num_heads, self.key_dim
+        bias = self.pos_bias(size, size)  # (heads, N, N)
+        dws = self._dw_matrices(size)
+        # every head's projection of its own chunk at once: (heads, B*N, chunk) @ (heads, chunk, 2k+d)
+        pre = torch.baddbmm(self.qkv_bias, x.reshape(b * n, heads, c // heads).transpose(0, 1), self.qkv_weight)
         outs = []
         feat = None
-        for i in range(self.num_heads):
-            t = pre[:, i]  # (B, 2k+d, N)
-            if feat is not None:  # + W_i out_{i-1}: the cascaded part, (2k+d, d) @ (B, d, N)
-                t = torch.matmul(self.cascade[i - 1], feat).add_(t)
-            q = F.conv2d(t[:, :kd].reshape(b, kd, h, w), getattr(self, f"dw_weight{i}"),
-                         getattr(self, f"dw_bias{i}"), padding=self.kernels[i] // 2, groups=kd)
-            attn = torch.baddbmm(bias[i], q.view(b, kd, n).transpose(1, 2), t[:, kd:2 * kd]).softmax(dim=-1)
-            feat = torch.bmm(t[:, 2 * kd:], attn.transpose(1, 2))  # (B, d, N)
+        for i in range(heads):
+            t = pre[i]  # (B*N, 2k+d)
+            if feat is not None:  # the cascade: + out_{i-1} W_i, (B*N, d) @ (d, 2k+d)
+                t = torch.addmm(t, feat.view(b * n, -1), self.qkv_weight[i])
+            t = t.view(b, n, -1)
+            # query depthwise conv as (k, N, N) @ (k, N, B) -> (k, N, B), then (B, N, k) for the scores
+            q = torch.baddbmm(getattr(self, f"dw_bias{i}"), dws[i], t[..., :kd].permute(2, 1, 0)).permute(2, 1, 0)
+            attn = torch.baddbmm(bias[i], q, t[..., kd:2 * kd].transpose(1, 2)).softmax(dim=-1)  # (B, N, N)
+            feat = torch.bmm(attn, t[..., 2 * kd:])  # (B, N, d)
             outs.append(feat)
-        return self.proj(torch.relu(torch.cat(outs, dim=1).view(b, -1, h, w)))
+        return F.linear(torch.relu_(torch.cat(outs, dim=-1)), self.proj_weight, self.proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, N, C)
+        return self.forward_tokens(tokens, (h, w)).view(b, h, w, c).permute(0, 3, 1, 2)
 
     def fuse(self) -> "FusedCascadedGroupAttention":
         return self
@@ -198,8 +244,44 @@ class LocalWindowAttention(nn.Module):
             x = x[:, :, :h, :w]
         return x
 
+    def fuse(self) -> nn.Module:
+        if isinstance(self.attn, FusedCascadedGroupAttention):
+            return FusedLocalWindowAttention(self.window, self.attn)
+        return self
+
     def extra_repr(self) -> str:
         return f"window={self.window}"
 
 
-__all__ = ["CascadedGroupAttention", "FusedCascadedGroupAttention", "LocalWindowAttention"]
+class FusedLocalWindowAttention(nn.Module):
+    """Deploy form of ``LocalWindowAttention``: windows are cut from the channels-last view of the map, so a map
+    stored channels-last (as the deploy form of EfficientViT keeps them) is partitioned with at most one copy and
+    the output comes back channels-last. Same outputs as the train/eval form."""
+
+    def __init__(self, window: int, attn: FusedCascadedGroupAttention):
+        super().__init__()
+        self.window = window
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        ws = min(self.window, h, w)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
+        pad_b, pad_r = (-h) % ws, (-w) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+        # (B, nH*ws, nW*ws, C) -> (B, nH, nW, ws, ws, C) -> (B*nH*nW, ws*ws, C): windows stacked on the batch
+        x = x.reshape(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+        x = self.attn.forward_tokens(x, (ws, ws))
+        x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, nh * ws, nw * ws, c)
+        if pad_b or pad_r:
+            x = x[:, :h, :w]
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}"
+
+
+__all__ = ["CascadedGroupAttention", "FusedCascadedGroupAttention", "FusedLocalWindowAttention", "LocalWindowAttention",
+           "dw_matrix"]

@@ -47,7 +47,8 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, w
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable("onnxruntime is not installed") from e
-    path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse)
+    path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse,
+                       optimize=False)
     session = onnx_session(path, threads)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,8 @@ def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, work
         import openvino as ov
     except ImportError as e:
         raise BackendUnavailable("openvino is not installed (pip install 'edgevits[openvino]')") from e
-    onnx_path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse)
+    onnx_path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse,
+                            optimize=False)
     ov.save_model(ov.convert_model(str(onnx_path)), str(workdir / "model.xml"), compress_to_fp16=False)
     compiled = openvino_compiled(workdir / "model.xml", threads)
     request = compiled.create_infer_request()

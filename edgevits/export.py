@@ -41,13 +41,15 @@ def _deploy_form(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
-                opset: int = 18, check: bool = True, atol: float = 1e-4, fuse: bool = True) -> Path:
+                opset: int = 18, check: bool = True, atol: float = 1e-4, fuse: bool = True,
+                optimize: bool = True) -> Path:
     """Write the deploy form of ``model`` to ``path`` as one self-contained ONNX file (weights inside) with a
     dynamic batch axis (input ``x``: (batch, C, H, W); output ``logits``), then check it with ONNX Runtime.
 
     The example input has batch 2: a batch-1 example lets the exporter specialise the batch axis to 1.
     Raises ``ExportError`` if the exported graph disagrees with PyTorch by more than ``atol`` (relative to the
-    largest output) at batch 1 or 3. ``fuse=False`` exports ``model`` as it is (e.g. a timm model).
+    largest output) at batch 1 or 3. ``fuse=False`` exports ``model`` as it is (e.g. a timm model);
+    ``optimize=False`` skips the exporter's graph clean-up (a third faster; ONNX Runtime optimises on load anyway).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         with _quiet():
             torch.onnx.export(deployed, (example,), str(tmp), dynamo=True, input_names=["x"],
                               output_names=["logits"], dynamic_shapes={"x": {0: batch}}, opset_version=opset,
-                              external_data=False)
+                              external_data=False, optimize=optimize)
     except Exception as first:  # the TorchScript exporter still handles some graphs the dynamo one cannot
         try:
             with _quiet():

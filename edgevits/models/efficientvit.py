@@ -62,10 +62,57 @@ class DWConvResidual(ConvNorm):
         return x + self.drop_path(super().forward(x))
 
     @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
+    def fuse(self) -> nn.Module:
         conv = super().fuse()
         conv.weight[:, 0, 1, 1] += 1.0
-        return conv
+        return _DeployConv(conv)
+
+
+def _probe_onednn_conv() -> bool:
+    """Whether this PyTorch build has oneDNN's direct convolution kernel with a ReLU epilogue."""
+    try:
+        x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 1, 3, 3)
+        out = torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 2, "relu", [], "")
+        return torch.allclose(out, F.conv2d(x, w, padding=1, groups=2).relu(), atol=1e-5)
+    except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
+        return False
+
+
+_ONEDNN_CONV = _probe_onednn_conv()
+
+
+def _onednn_usable(x: torch.Tensor) -> bool:
+    """oneDNN's kernel has no autograd and is invisible to exporters and compilers: only plain float32 CPU
+    inference in eager mode uses it."""
+    return (_ONEDNN_CONV and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+            and not getattr(torch.compiler, "is_exporting", lambda: False)() and not torch.onnx.is_in_onnx_export())
+
+
+class _DeployConv(nn.Module):
+    """A folded conv (optionally followed by ReLU) for the deploy form. In eager float32 CPU inference it calls
+    oneDNN's convolution directly (weights kept channels-last, the ReLU as an epilogue): for the small depthwise
+    convs of these models that skips most of the per-call cost of ``F.conv2d``. Elsewhere it is ``F.conv2d``."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False):
+        super().__init__()
+        with torch.no_grad():
+            self.register_buffer("weight", conv.weight.detach().contiguous(memory_format=torch.channels_last))
+            self.register_buffer("bias", conv.bias.detach().clone())
+        self.stride, self.padding, self.groups = list(conv.stride), list(conv.padding), conv.groups
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _onednn_usable(x):
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
+                                                           [1, 1], self.groups, "relu" if self.relu else "none",
+                                                           [], "")
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return torch.relu_(x) if self.relu else x
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}"
+                f", stride={tuple(self.stride)}, groups={self.groups}, relu={self.relu}")
 
 
 class FFN(nn.Module):
@@ -119,16 +166,18 @@ class _FusedFFN(nn.Module):
 
 
 class _Pointwise(nn.Module):
-    """Deploy 1x1 conv as a matrix product on the channels-last rows of the map."""
+    """Deploy 1x1 conv (optionally followed by ReLU) as a matrix product on the channels-last rows of the map."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
         with torch.no_grad():
             self.register_buffer("weight", conv.weight.flatten(1).t().contiguous())  # (C_in, C_out)
             self.register_buffer("bias", conv.bias.detach().clone())
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _from_rows(torch.addmm(self.bias, _channels_last_rows(x), self.weight), x)
+        rows = torch.addmm(self.bias, _channels_last_rows(x), self.weight)
+        return _from_rows(torch.relu_(rows) if self.relu else rows, x)
 
 
 class SqueezeExcite(nn.Module):
@@ -180,18 +229,14 @@ class PatchMerging(nn.Module):
         return self.conv3(self.se(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
 
     def fuse(self) -> nn.Module:
-        for name in ("conv1", "conv3"):
-            conv = getattr(self, name)
-            if isinstance(conv, nn.Conv2d):
-                setattr(self, name, _Pointwise(conv))
+        if all(isinstance(getattr(self, n), nn.Conv2d) for n in ("conv1", "conv2", "conv3")):
+            return nn.Sequential(_Pointwise(self.conv1, relu=True), _DeployConv(self.conv2, relu=True), self.se,
+                                 _Pointwise(self.conv3))
         return self
 
 
 class Stem(nn.Sequential):
-    """Four 3x3 stride-2 conv+BN with ReLU between (stride 16). The deploy form also switches the input to
-    channels-last memory, the layout the rest of the deploy form computes in (same values, fewer copies)."""
-
-    channels_last = False
+    """Four 3x3 stride-2 conv+BN with ReLU between (stride 16)."""
 
     def __init__(self, in_chans: int, dim: int):
         super().__init__(ConvNorm(in_chans, dim // 8, 3, stride=2), nn.ReLU(),
@@ -199,19 +244,26 @@ class Stem(nn.Sequential):
                          ConvNorm(dim // 4, dim // 2, 3, stride=2), nn.ReLU(),
                          ConvNorm(dim // 2, dim, 3, stride=2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.channels_last:
-            return super().forward(x)
-        x = x.contiguous(memory_format=torch.channels_last)
-        for i in range(0, len(self), 2):  # deploy form: the ReLUs in place
-            x = self[i](x)
-            if i + 1 < len(self):
-                x = torch.relu_(x)
-        return x
-
-    def fuse(self) -> "Stem":
-        self.channels_last = True
+    def fuse(self) -> nn.Module:
+        convs = [m for m in self if not isinstance(m, nn.ReLU)]
+        if all(isinstance(m, nn.Conv2d) for m in convs):
+            return _DeployStem(convs)
         return self
+
+
+class _DeployStem(nn.Module):
+    """Deploy stem: switches the input to channels-last memory, the layout the rest of the deploy form computes in
+    (same values, fewer copies), and runs the folded convs with their ReLUs as epilogues."""
+
+    def __init__(self, convs: list[nn.Conv2d]):
+        super().__init__()
+        self.convs = nn.ModuleList(_DeployConv(c, relu=i < len(convs) - 1) for i, c in enumerate(convs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for conv in self.convs:
+            x = conv(x)
+        return x
 
 
 class Downsample(nn.Module):

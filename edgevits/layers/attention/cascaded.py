@@ -39,8 +39,9 @@ class CascadedGroupAttention(nn.Module):
         dim: channels C (split evenly over the heads).
         key_dim: query/key channels per head (16 in the released models).
         num_heads: heads.
-        attn_ratio: value channels per head = ``int(attn_ratio * key_dim)`` (EfficientViT uses
-            ``dim / (key_dim * num_heads)``, so values have ``dim / num_heads`` channels).
+        attn_ratio: value channels per head = ``int(attn_ratio * key_dim)``; None (the default) gives
+            ``dim / num_heads``, what EfficientViT uses and what the cascade needs (each head's output is added to
+            the next head's input chunk).
         resolution: the window side at the training resolution; sizes the bias table (heads, resolution**2).
         kernels: the kernel of each head's depthwise conv on the query.
 
@@ -48,7 +49,7 @@ class CascadedGroupAttention(nn.Module):
     Cost: O(heads * N^2 * (key_dim + value_dim)) per window of N tokens plus the 1x1 projections.
     """
 
-    def __init__(self, dim: int, key_dim: int = 16, num_heads: int = 4, attn_ratio: float = 4.0,
+    def __init__(self, dim: int, key_dim: int = 16, num_heads: int = 4, attn_ratio: float | None = None,
                  resolution: int = 7, kernels: Sequence[int] = (5, 5, 5, 5)):
         super().__init__()
         if dim % num_heads:
@@ -57,7 +58,11 @@ class CascadedGroupAttention(nn.Module):
             raise ValueError(f"need one query kernel per head ({num_heads}), got {list(kernels)}")
         self.num_heads = num_heads
         self.key_dim = key_dim
-        self.val_dim = int(attn_ratio * key_dim)
+        self.val_dim = dim // num_heads if attn_ratio is None else int(attn_ratio * key_dim)
+        if num_heads > 1 and self.val_dim != dim // num_heads:
+            raise ValueError(f"the cascade adds each head's output ({self.val_dim} value channels) to the next "
+                             f"head's input chunk ({dim // num_heads} channels): use attn_ratio=None or "
+                             f"{dim / num_heads / key_dim:g}")
         self.scale = key_dim ** -0.5
         self.resolution = resolution
         self.kernels = tuple(int(k) for k in kernels[:num_heads])
@@ -219,7 +224,7 @@ class LocalWindowAttention(nn.Module):
     attended as one batch, and the result is cropped back to H x W.
     """
 
-    def __init__(self, dim: int, key_dim: int = 16, num_heads: int = 4, attn_ratio: float = 4.0,
+    def __init__(self, dim: int, key_dim: int = 16, num_heads: int = 4, attn_ratio: float | None = None,
                  resolution: int = 14, window: int = 7, kernels: Sequence[int] = (5, 5, 5, 5)):
         super().__init__()
         if window < 1:

@@ -25,7 +25,12 @@ def _cmd_models(args) -> int:
         entry = get_entry(name)
         model = create_model(name)
         pub = entry.published
-        lat = f"{pub['latency_ms']} ms ({pub['latency_device']})" if "latency_ms" in pub else "-"
+        if "latency_ms" in pub:
+            lat = f"{pub['latency_ms']} ms ({pub['latency_device']})"
+        elif "throughput" in pub:
+            lat = f"{pub['throughput']} img/s ({pub['latency_device'].split(' (')[0]} throughput)"
+        else:
+            lat = "-"
         table.add_row(name, entry.family, f"{count_params(model) / 1e6:.3f}", f"{count_macs(model) / 1e9:.3f}",
                       f"{pub.get('top1', '-')}", lat)
     console.print(table)

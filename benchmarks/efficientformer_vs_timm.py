@@ -7,7 +7,7 @@ medians compared, so that load from other processes affects all alike. Besides w
 calling thread's CPU time (``time.thread_time``), which a busy machine disturbs far less; with ``--threads 1``
 all the work runs on that thread, so the CPU-time ratio is the robust figure.
 
-    python benchmarks/efficientformer_vs_timm.py --models l1 l3 l7 --runs 30 --threads 1
+    python benchmarks/efficientformer_vs_timm.py --models l1 l3 l7 --runs 30 --threads 1 [--ops]
 """
 from __future__ import annotations
 
@@ -53,14 +53,52 @@ def compare(variant: str, runs: int = 30, warmup: int = 3, size: int = 224) -> d
     return out
 
 
+def _cpu_ms(fn, runs: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        c0 = time.thread_time()
+        fn()
+        times.append((time.thread_time() - c0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def op_timings(runs: int = 50) -> list[tuple[str, float]]:
+    """The single ops that explain the gap: (label, median thread-CPU ms)."""
+    import torch.nn.functional as F
+    x = torch.randn(1, 48, 56, 56)  # L1 stage 0
+    xc = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randn(1, 224, 14, 14).contiguous(memory_format=torch.channels_last)  # L1, input of the last downsampler
+    w = torch.randn(448, 224, 3, 3)
+    wc = w.contiguous(memory_format=torch.channels_last)
+    pool = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    return [
+        ("AvgPool3x3 (count_include_pad=False), 48x56x56, NCHW", _cpu_ms(lambda: F.avg_pool2d(x, **pool), runs)),
+        ("AvgPool3x3 (count_include_pad=False), 48x56x56, channels-last", _cpu_ms(lambda: F.avg_pool2d(xc, **pool), runs)),
+        ("conv3x3 s2 224->448 at 14x14, channels-last input, NCHW weight",
+         _cpu_ms(lambda: F.conv2d(y, w, None, 2, 1), runs)),
+        ("conv3x3 s2 224->448 at 14x14, channels-last input, channels-last weight",
+         _cpu_ms(lambda: F.conv2d(y, wc, None, 2, 1), runs)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["l1", "l3", "l7"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--ops", action="store_true", help="also time the single ops behind the difference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ops:
+        print("| op (batch 1) | thread-CPU ms |")
+        print("|---|---|")
+        for label, ms in op_timings():
+            print(f"| {label} | {ms:.3f} |")
+        print()
     print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, "
           f"median of {args.runs} interleaved runs; wall ms / thread-CPU ms")
     print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) |")

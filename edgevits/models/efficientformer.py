@@ -113,6 +113,7 @@ def _fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+            and not getattr(torch.compiler, "is_exporting", lambda: False)()
             and not torch.onnx.is_in_onnx_export())
 
 

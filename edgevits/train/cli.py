@@ -7,21 +7,31 @@ import sys
 from pathlib import Path
 
 
+def _user_errors() -> tuple:
+    from ..checkpoint import CheckpointError
+    from .data import DataError
+    return (DataError, CheckpointError, FileNotFoundError, KeyError)
+
+
 def _cmd_train(args) -> int:
     from .config import config_from_args
     from .engine import load_state, resume_path, train
     base = None
-    if args.resume:
-        saved = load_state(args.resume)
-        base = {**saved["config"], "resume": None, "stop_after": None}
-        if args.output is None:
-            base["output"] = str(resume_path(args.resume).parent)
     try:
+        if args.resume:
+            saved = load_state(args.resume)
+            base = {**saved["config"], "resume": None, "stop_after": None}
+            if args.output is None:
+                base["output"] = str(resume_path(args.resume).parent)
         cfg = config_from_args(args, base)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"edgevits train: {e}", file=sys.stderr)
         return 2
-    result = train(cfg, log=lambda msg: print(msg, flush=True))
+    try:
+        result = train(cfg, log=lambda msg: print(msg, flush=True))
+    except _user_errors() as e:
+        print(f"edgevits train: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
     if result.metrics and os.environ.get("RANK", "0") == "0":
         print(f"best val top-1 {result.best_top1:.4f} at epoch {result.best_epoch}; outputs in {result.output}")
     return 0
@@ -38,8 +48,12 @@ def add_train(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from .engine import evaluate_checkpoint
-    res = evaluate_checkpoint(args.data, args.checkpoint, args.model, args.img_size, args.batch_size,
-                              args.crop_pct, args.workers, args.device)
+    try:
+        res = evaluate_checkpoint(args.data, args.checkpoint, args.model, args.img_size, args.batch_size,
+                                  args.crop_pct, args.workers, args.device)
+    except _user_errors() + (ValueError,) as e:
+        print(f"edgevits eval: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(res))
     else:

@@ -307,6 +307,8 @@ def _eval_source(checkpoint: str) -> tuple:
 def resume_path(path: str | os.PathLike) -> Path:
     """``OUT``, ``OUT/last.safetensors``, ``OUT/last.json`` or ``OUT/last.state.pt`` -> ``OUT/last.state.pt``."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--resume {str(p)!r}: no such file or folder")
     if p.is_dir():
         p = p / "last.state.pt"
     elif not p.name.endswith(".state.pt"):
@@ -415,7 +417,7 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        if ema is not None:
+        if ema is not None and state.get("ema") is not None:
             ema.load_state(state["ema"])
         start_epoch, best_top1, best_epoch = int(state["epochs_done"]), float(state["best_top1"]), \
             int(state["best_epoch"])

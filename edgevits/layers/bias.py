@@ -99,7 +99,9 @@ class FrozenRelPosBias(nn.Module):
         key = (tuple(q_size), tuple(k_size), stride)
         if key == self.default_key:
             return self.bias
-        version = (self.table._version, self.table.data_ptr(), self.table.device)
+        # an inference tensor (model built under torch.inference_mode) has no version counter
+        version = (None if self.table.is_inference() else self.table._version, self.table.data_ptr(),
+                   self.table.device)
         hit = self._cache.get(key)
         if hit is None or hit[0] != version:
             with torch.no_grad():

@@ -93,18 +93,24 @@ class Meta4D(nn.Module):
         return Meta4DDeploy(self.ls1.gamma, fc1, fc2, self.pool.kernel_size)
 
 
-def _probe_onednn_linear() -> bool:
-    """Whether this PyTorch build has oneDNN's fused linear kernels (x86 and most ARM builds do)."""
+def _probe_onednn() -> tuple[bool, bool]:
+    """Whether this PyTorch build has oneDNN's fused linear kernels (x86 and most ARM builds do), and whether it
+    can pre-pack weights for them."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         x, w = torch.ones(2, 4), torch.ones(3, 4)
         ok = torch.allclose(op(x, w, None, "gelu", [], "none"), F.gelu(x @ w.t()))
-        return ok and torch.allclose(op.binary(x, torch.ones(2, 3), w, None, "add"), x @ w.t() + 1)
+        ok = ok and torch.allclose(op.binary(x, torch.ones(2, 3), w, None, "add"), x @ w.t() + 1)
     except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
-        return False
+        return False, False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        return ok, ok and torch.allclose(op(x, packed, None, "none", [], "none"), x @ w.t())
+    except Exception:  # noqa: BLE001
+        return ok, False
 
 
-_ONEDNN_LINEAR = _probe_onednn_linear()
+_ONEDNN_LINEAR, _ONEDNN_PACK = _probe_onednn()
 
 
 def _fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -117,21 +123,58 @@ def _fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.onnx.is_in_onnx_export())
 
 
-def _linear_gelu(x: torch.Tensor, linear: nn.Linear, fused: bool) -> torch.Tensor:
-    """``gelu(linear(x))``, as one oneDNN kernel (GEMM with a GELU epilogue) when ``fused``."""
-    if fused:
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
+class _DeployBlock(nn.Module):
+    """Base of the deploy blocks: keeps oneDNN-packed copies of their Linear weights for the fused kernels.
+
+    The packed copies are opaque tensors that can be neither saved nor deep-copied, so they live outside the
+    state dict in a plain cache, are dropped on copy/pickle/``.to()``, and are rebuilt whenever the weight changes
+    (keyed on the tensor's version counter and storage, so an in-place edit of a weight is honoured).
+    """
+
+    def _weight_for_fused(self, name: str, linear: nn.Linear) -> torch.Tensor:
+        w = linear.weight
+        if not _ONEDNN_PACK or w.is_inference():  # an inference tensor has no version counter to key a cache on
+            return w
+        cache = self.__dict__.setdefault("_onednn_packed", {})
+        stamp = (w._version, w.data_ptr())
+        hit = cache.get(name)
+        if hit is None or hit[0] != stamp:
+            with torch.no_grad():
+                hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+            cache[name] = hit
+        return hit[1]
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_onednn_packed"}
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_onednn_packed", None)
+        return super()._apply(fn, recurse)
+
+
+def _linear_gelu(x: torch.Tensor, linear: nn.Linear, weight: torch.Tensor | None) -> torch.Tensor:
+    """``gelu(linear(x))``; one oneDNN kernel (GEMM with a GELU epilogue) when given its ``weight``."""
+    if weight is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "gelu", [], "none")
     return F.gelu(F.linear(x, linear.weight, linear.bias))
 
 
-def _linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``residual + linear(x)``, as one oneDNN kernel (GEMM with an add epilogue) when ``fused``."""
-    if fused:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
+def _linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, weight: torch.Tensor | None
+                ) -> torch.Tensor:
+    """``residual + linear(x)``; one oneDNN kernel (GEMM with an add epilogue) when given its ``weight``."""
+    if weight is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, linear.bias, "add")
     return F.linear(x, linear.weight, linear.bias).add_(residual)
 
 
-class Meta4DDeploy(nn.Module):
+def _linear(x: torch.Tensor, linear: nn.Linear, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "none", [], "none")
+    return F.linear(x, linear.weight, linear.bias)
+
+
+class Meta4DDeploy(_DeployBlock):
     """Deploy form of Meta4D, written for eager speed at small batches on CPU.
 
     BatchNorms and ``ls2`` are folded into the two 1x1 convs, which run as GEMMs on channels-last memory (no
@@ -155,7 +198,9 @@ class Meta4DDeploy(nn.Module):
         x = torch.lerp(x, F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False), self.gamma)
         t = x.permute(0, 2, 3, 1)  # (B, H, W, C): a contiguous view of the channels-last map
         fused = _fused_kernels_usable(t, self.fc1.weight)
-        t = _linear_add(_linear_gelu(t, self.fc1, fused), self.fc2, t, fused)
+        w1 = self._weight_for_fused("fc1", self.fc1) if fused else None
+        w2 = self._weight_for_fused("fc2", self.fc2) if fused else None
+        t = _linear_add(_linear_gelu(t, self.fc1, w1), self.fc2, t, w2)
         return t.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
 
 
@@ -195,7 +240,7 @@ class Meta3D(nn.Module):
         return Meta3DDeploy(self.norm1, self.attn, self.norm2, self.mlp.fc1, self.mlp.fc2)
 
 
-class Meta3DDeploy(nn.Module):
+class Meta3DDeploy(_DeployBlock):
     """Deploy form of Meta3D: plain LayerNorms (their affines live in ``qkv`` and ``fc1``), layer scales folded
     into ``proj`` and ``fc2``, GELU and the residual adds fused into the GEMMs where oneDNN's kernels exist."""
 
@@ -206,14 +251,16 @@ class Meta3DDeploy(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         attn = self.attn
         fused = _fused_kernels_usable(x, self.fc1.weight)
+        w = {k: self._weight_for_fused(k, m) if fused else None
+             for k, m in (("qkv", attn.qkv), ("proj", attn.proj), ("fc1", self.fc1), ("fc2", self.fc2))}
         b, n, _ = x.shape
-        qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        qkv = _linear(self.norm1(x), attn.qkv, w["qkv"])
         q, k, v = qkv.view(b, n, attn.num_heads, -1).transpose(1, 2).split([attn.key_dim, attn.key_dim, attn.val_dim],
                                                                            dim=3)  # (B, heads, N, d) each
         bias = attn.rel_pos(*(2 * [attn._grid(n, hw)])) if attn.rel_pos is not None else None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # (B, heads, N, val_dim)
-        x = _linear_add(o.transpose(1, 2).reshape(b, n, -1), attn.proj, x, fused)
-        return _linear_add(_linear_gelu(self.norm2(x), self.fc1, fused), self.fc2, x, fused)
+        x = _linear_add(o.transpose(1, 2).reshape(b, n, -1), attn.proj, x, w["proj"])
+        return _linear_add(_linear_gelu(self.norm2(x), self.fc1, w["fc1"]), self.fc2, x, w["fc2"])
 
 
 @torch.no_grad()

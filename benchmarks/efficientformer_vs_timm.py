@@ -21,7 +21,6 @@ import edgevits
 from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
 
 
-@torch.inference_mode()
 def compare(variant: str, runs: int = 30, warmup: int = 3, size: int = 224) -> dict:
     """Median batch-1 wall and thread-CPU milliseconds of timm eager, edgevits eval form and edgevits deploy form."""
     name = f"efficientformer_{variant}"
@@ -30,10 +29,16 @@ def compare(variant: str, runs: int = 30, warmup: int = 3, size: int = 224) -> d
     with torch.no_grad():
         calibrate_bn(ref, [torch.randn(2, 3, size, size)])
     ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
-    deployed = edgevits.fuse_model(ours)
+    deployed = edgevits.fuse_model(ours)  # built outside inference_mode, as usual
+    with torch.inference_mode():
+        return _time(name, {"timm": ref, "eval": ours, "deploy": deployed}, runs, warmup, size)
+
+
+@torch.inference_mode()
+def _time(name: str, models: dict, runs: int, warmup: int, size: int) -> dict:
+    ref, ours, deployed = models["timm"], models["eval"], models["deploy"]
     x = torch.randn(1, 3, size, size)
     err = max(parity(deployed(x), ref(x))[0], parity(ours(x), ref(x))[0])
-    models = {"timm": ref, "eval": ours, "deploy": deployed}
     for m in models.values():
         for _ in range(warmup):
             m(x)
@@ -76,7 +81,8 @@ def op_timings(runs: int = 50) -> list[tuple[str, float]]:
     pool = dict(kernel_size=3, stride=1, padding=1, count_include_pad=False)
     return [
         ("AvgPool3x3 (count_include_pad=False), 48x56x56, NCHW", _cpu_ms(lambda: F.avg_pool2d(x, **pool), runs)),
-        ("AvgPool3x3 (count_include_pad=False), 48x56x56, channels-last", _cpu_ms(lambda: F.avg_pool2d(xc, **pool), runs)),
+        ("AvgPool3x3 (count_include_pad=False), 48x56x56, channels-last",
+         _cpu_ms(lambda: F.avg_pool2d(xc, **pool), runs)),
         ("conv3x3 s2 224->448 at 14x14, channels-last input, NCHW weight",
          _cpu_ms(lambda: F.conv2d(y, w, None, 2, 1), runs)),
         ("conv3x3 s2 224->448 at 14x14, channels-last input, channels-last weight",
@@ -101,13 +107,14 @@ def main() -> None:
         print()
     print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, "
           f"median of {args.runs} interleaved runs; wall ms / thread-CPU ms")
-    print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) |")
-    print("|---|---|---|---|---|")
+    print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) "
+          "| max rel. error vs timm |")
+    print("|---|---|---|---|---|---|")
     for v in args.models:
         r = compare(v, args.runs, size=args.size)
         cells = [f"{r[f'{k}_wall_ms']:.1f} / {r[f'{k}_cpu_ms']:.1f}" for k in ("timm", "eval", "deploy")]
         speed = (f"{r['timm_wall_ms'] / r['deploy_wall_ms']:.2f}x / {r['timm_cpu_ms'] / r['deploy_cpu_ms']:.2f}x")
-        print(f"| {r['model']} | " + " | ".join(cells) + f" | {speed} |", flush=True)
+        print(f"| {r['model']} | " + " | ".join(cells) + f" | {speed} | {r['max_rel_err']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

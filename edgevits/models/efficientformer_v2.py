@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..layers import ConvNorm, DropPath, LayerScale, fuse_bn_linear, scale_output_, to_2tuple
-from ..layers.attention.attention4d import Attention4D, Attention4DDownsample
+from ..layers.attention.attention4d import Attention4D, Attention4DDownsample, deploy_act
 from ..registry import register_model
 from .base import ClassifierModel, ModelConfig
 
@@ -56,6 +56,15 @@ class ConvMlp(nn.Module):
         x = self.act(self.mid(self.act(self.fc1(x))))
         return self.drop(self.fc2(self.drop(x)))
 
+    def fuse(self) -> nn.Module:
+        self.act = deploy_act(self.act)  # the BNs are folded into fc1/mid/fc2 by then (their own fuse)
+        return self
+
+
+def _inplace_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a residual sum may overwrite its branch output (no autograd graph to keep intact)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
 
 class EfficientFormerV2Block(nn.Module):
     """``x + ls1 * Attention4D(x)`` (attention blocks only), then ``x + ls2 * ConvMlp(x)``.
@@ -71,8 +80,13 @@ class EfficientFormerV2Block(nn.Module):
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
         self.layer_scale_2 = LayerScale((dim, 1, 1), layer_scale_init)
         self.drop_path = DropPath(drop_path)
+        self.fused = False  # deploy form: the residual sums reuse the branch outputs' buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and _inplace_ok(x):
+            if self.token_mixer is not None:
+                x = self.drop_path(self.token_mixer(x)).add_(x)
+            return self.drop_path(self.mlp(x)).add_(x)
         if self.token_mixer is not None:
             x = x + self.drop_path(self.layer_scale_1(self.token_mixer(x)))
         return x + self.drop_path(self.layer_scale_2(self.mlp(x)))
@@ -86,6 +100,7 @@ class EfficientFormerV2Block(nn.Module):
                                                                      nn.Conv2d):
             scale_output_(self.token_mixer.proj, self.layer_scale_1.gamma)
             self.layer_scale_1 = nn.Identity()
+        self.fused = not isinstance(self.layer_scale_1, LayerScale) and not isinstance(self.layer_scale_2, LayerScale)
         return self
 
 
@@ -99,7 +114,9 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
-        return out if self.attn is None else self.attn(x) + out
+        if self.attn is None:
+            return out
+        return self.attn(x).add_(out) if not self.training and _inplace_ok(x) else self.attn(x) + out
 
 
 class EfficientFormerV2Stage(nn.Module):
@@ -151,6 +168,7 @@ class EfficientFormerV2(ClassifierModel):
         self.stages = nn.ModuleList(stages)
         self.num_features = dims[-1]
         self.norm = nn.BatchNorm2d(dims[-1])
+        self.layout = torch.contiguous_format  # the deploy form runs channels-last (see fuse)
         self._init_heads()
         self._init_weights()
 
@@ -163,7 +181,7 @@ class EfficientFormerV2(ClassifierModel):
                     nn.init.zeros_(m.bias)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=self.layout))
         outs = []
         for stage in self.stages:
             x = stage(x)
@@ -171,10 +189,21 @@ class EfficientFormerV2(ClassifierModel):
         return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=self.layout))
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)
+
+    def fuse(self) -> "EfficientFormerV2":
+        """Deploy form (after the children are fused): heads merged, and the model switched to channels-last
+        maps. On CPU, PyTorch runs depthwise convs and the bilinear upsample on channels-first maps through
+        internal layout conversions that allocate and copy large temporaries on every call; channels-last maps
+        avoid them. Outputs are unchanged; the stage outputs come back with channels-last strides."""
+        super().fuse()
+        self.stem = nn.Sequential(*[deploy_act(m) for m in self.stem])
+        self.to(memory_format=torch.channels_last)
+        self.layout = torch.channels_last
+        return self
 
     def _fold_final_norm(self) -> None:
         if isinstance(self.norm, nn.BatchNorm2d):

@@ -38,6 +38,22 @@ def _fused(module: nn.Module) -> nn.Module:
     return module.fuse() if hasattr(module, "fuse") else module
 
 
+class InplaceGELU(nn.Module):
+    """Exact (erf) GELU that overwrites its input when no gradient is needed: the deploy forms apply it to
+    freshly computed conv outputs, so no new buffer is allocated and first-touched (on CPU the early stages'
+    maps exceed the L2 cache and a fresh buffer costs page faults)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.gelu(x)
+        return torch.ops.aten.gelu_(x)
+
+
+def deploy_act(act: nn.Module) -> nn.Module:
+    """The in-place variant of an exact GELU, any other activation unchanged."""
+    return InplaceGELU() if type(act) is nn.GELU and act.approximate == "none" else act
+
+
 def _table(bias: RelPosBias | FrozenRelPosBias) -> torch.Tensor:
     """The (heads, Ht*Wt) table of a bias module in either form (children are fused before their parent)."""
     return (bias.attention_biases if isinstance(bias, RelPosBias) else bias.table).detach()
@@ -133,25 +149,33 @@ class Attention4DDeploy(nn.Module):
         mixed = RelPosBias(heads, src.pos_bias.table_size).to(w1.device, w1.dtype)
         mixed.attention_biases.copy_(w1 @ _table(src.pos_bias) + b1[:, None])
         self.pos_bias = FrozenRelPosBias(mixed)
-        self.act = src.act
+        self.act = deploy_act(src.act)
         self.proj = _fused(src.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Written for channels-last maps (the deploy model's layout): per-head views are taken from the
+        # (B, h, w, C) memory order and the attention output is written back in it, so no map changes layout.
         B, _, H, W = x.shape
         if self.stride_conv is not None:
             x = self.stride_conv(x)
         h, w = x.shape[-2:]
-        n = h * w
-        q, k, v = self.qkv(x).split(self.splits, dim=1)
+        n, heads = h * w, self.num_heads
+        qkv = self.qkv(x)
+        v = qkv[:, -self.dh:]
         v_local = self.v_local(v)
-        q = q.reshape(B, self.num_heads, self.key_dim, n).transpose(-2, -1)  # (B, heads, N, key_dim)
-        k = k.reshape(B, self.num_heads, self.key_dim, n)  # (B, heads, key_dim, N)
-        v = v.reshape(B, self.num_heads, self.d, n).transpose(-2, -1)  # (B, heads, N, d)
-        bias = self.pos_bias((h, w), (h, w)).reshape(self.num_heads, n * n)
+        tokens = qkv.permute(0, 2, 3, 1).reshape(B, n, -1)  # (B, N, 2*kh + dh): a view for channels-last maps
+        q, k, v = tokens.split(self.splits, dim=-1)
+        q = q.reshape(B, n, heads, self.key_dim).transpose(1, 2)  # (B, heads, N, key_dim)
+        k = k.reshape(B, n, heads, self.key_dim).permute(0, 2, 3, 1)  # (B, heads, key_dim, N)
+        v = v.reshape(B, n, heads, self.d).transpose(1, 2)  # (B, heads, N, d)
+        bias = self.pos_bias((h, w), (h, w)).reshape(heads, n * n)
         attn = _mix_heads(self.th1_weight, q @ k, bias).softmax(dim=-1)
         attn = _mix_heads(self.th2_weight, attn, self.th2_bias)
-        out = (attn @ v).transpose(-2, -1).reshape(B, self.dh, h, w) + v_local
+        out = (attn @ v).transpose(1, 2).reshape(B, h, w, self.dh).permute(0, 3, 1, 2)  # channels-last strides
+        out = out + v_local
         if self.stride_conv is not None:
+            # PyTorch's CPU bilinear kernel converts a channels-first input to channels-last and back on every
+            # call (slow transposing copies of the (dh, H, W) output); on a channels-last input it runs directly.
             out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         return self.proj(self.act(out))
 
@@ -236,20 +260,23 @@ class Attention4DDownsampleDeploy(nn.Module):
         self.splits = [self.key_dim * self.num_heads, self.dh]
         self.v_local = _fused(src.v_local)
         self.pos_bias = src.pos_bias.fuse() if isinstance(src.pos_bias, RelPosBias) else src.pos_bias
-        self.act = src.act
+        self.act = deploy_act(src.act)
         self.proj = _fused(src.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last friendly, as Attention4DDeploy.forward
         B, _, H, W = x.shape
+        heads, n = self.num_heads, H * W
         q = self.q_proj(self.q_local(x))
         h2, w2 = q.shape[-2:]
-        q = q.reshape(B, self.num_heads, self.key_dim, h2 * w2).transpose(-2, -1)  # (B, heads, N/4, key_dim)
-        k, v = self.kv(x).split(self.splits, dim=1)
-        v_local = self.v_local(v)
-        k = k.reshape(B, self.num_heads, self.key_dim, H * W)  # (B, heads, key_dim, N)
-        v = v.reshape(B, self.num_heads, self.d, H * W).transpose(-2, -1)  # (B, heads, N, d)
+        q = q.permute(0, 2, 3, 1).reshape(B, h2 * w2, heads, self.key_dim).transpose(1, 2)  # (B, heads, N/4, kd)
+        kv = self.kv(x)
+        v_local = self.v_local(kv[:, -self.dh:])
+        k, v = kv.permute(0, 2, 3, 1).reshape(B, n, -1).split(self.splits, dim=-1)
+        k = k.reshape(B, n, heads, self.key_dim).permute(0, 2, 3, 1)  # (B, heads, key_dim, N)
+        v = v.reshape(B, n, heads, self.d).transpose(1, 2)  # (B, heads, N, d)
         attn = (q @ k + self.pos_bias((h2, w2), (H, W), 2)).softmax(dim=-1)  # (B, heads, N/4, N)
-        out = (attn @ v).transpose(-2, -1).reshape(B, self.dh, h2, w2) + v_local
+        out = (attn @ v).transpose(1, 2).reshape(B, h2, w2, self.dh).permute(0, 3, 1, 2) + v_local
         return self.proj(self.act(out))
 
     def fuse(self) -> "Attention4DDownsampleDeploy":

@@ -68,45 +68,18 @@ class DWConvResidual(ConvNorm):
         return _DeployConv(conv)
 
 
-def _probe_onednn_conv() -> bool:
-    """Whether this PyTorch build has oneDNN's direct convolution kernel with a ReLU epilogue."""
-    try:
-        x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 1, 3, 3)
-        out = torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 2, "relu", [], "")
-        return torch.allclose(out, F.conv2d(x, w, padding=1, groups=2).relu(), atol=1e-5)
-    except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
-        return False
-
-
-_ONEDNN_CONV = _probe_onednn_conv()
-
-
-def _onednn_usable(x: torch.Tensor) -> bool:
-    """oneDNN's kernel has no autograd and is invisible to exporters and compilers: only plain float32 CPU
-    inference in eager mode uses it."""
-    return (_ONEDNN_CONV and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-            and not getattr(torch.compiler, "is_exporting", lambda: False)() and not torch.onnx.is_in_onnx_export())
-
-
 class _DeployConv(nn.Module):
-    """A folded conv (optionally followed by ReLU) for the deploy form. In eager float32 CPU inference it calls
-    oneDNN's convolution directly (weights kept channels-last, the ReLU as an epilogue): for the small depthwise
-    convs of these models that skips most of the per-call cost of ``F.conv2d``. Elsewhere it is ``F.conv2d``."""
+    """A folded conv, optionally followed by an in-place ReLU, for the deploy form."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
         with torch.no_grad():
-            self.register_buffer("weight", conv.weight.detach().contiguous(memory_format=torch.channels_last))
+            self.register_buffer("weight", conv.weight.detach().clone())
             self.register_buffer("bias", conv.bias.detach().clone())
-        self.stride, self.padding, self.groups = list(conv.stride), list(conv.padding), conv.groups
+        self.stride, self.padding, self.groups = tuple(conv.stride), tuple(conv.padding), conv.groups
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _onednn_usable(x):
-            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
-                                                           [1, 1], self.groups, "relu" if self.relu else "none",
-                                                           [], "")
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return torch.relu_(x) if self.relu else x
 
@@ -253,7 +226,7 @@ class Stem(nn.Sequential):
 
 class _DeployStem(nn.Module):
     """Deploy stem: switches the input to channels-last memory, the layout the rest of the deploy form computes in
-    (same values, fewer copies), and runs the folded convs with their ReLUs as epilogues."""
+    (same values, fewer copies), and runs the folded convs with in-place ReLUs."""
 
     def __init__(self, convs: list[nn.Conv2d]):
         super().__init__()

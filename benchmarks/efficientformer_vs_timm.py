@@ -51,7 +51,7 @@ def _time(name: str, models: dict, runs: int, warmup: int, size: int) -> dict:
             models[k](x)
             wall[k].append((time.perf_counter() - t0) * 1e3)
             cpu[k].append((time.thread_time() - c0) * 1e3)
-    out = dict(model=name, max_rel_err=err)
+    out = dict(model=name, max_rel_err=err, gmacs=edgevits.count_macs(deployed, size) / 1e9)
     for k in names:
         out[f"{k}_wall_ms"] = statistics.median(wall[k])
         out[f"{k}_cpu_ms"] = statistics.median(cpu[k])
@@ -105,16 +105,20 @@ def main() -> None:
         for label, ms in op_timings():
             print(f"| {label} | {ms:.3f} |")
         print()
+    from edgevits.bench import measure_peak_gflops
+    peak_gmacs = measure_peak_gflops(args.threads) / 2  # this machine's float32 GEMM rate, multiply-accumulates
     print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"median of {args.runs} interleaved runs; wall ms / thread-CPU ms")
+          f"median of {args.runs} interleaved runs; wall ms / thread-CPU ms; GEMM peak {peak_gmacs:.0f} GMAC/s")
     print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) "
-          "| max rel. error vs timm |")
-    print("|---|---|---|---|---|---|")
+          "| MACs at GEMM peak (ms) | max rel. error vs timm |")
+    print("|---|---|---|---|---|---|---|")
     for v in args.models:
         r = compare(v, args.runs, size=args.size)
         cells = [f"{r[f'{k}_wall_ms']:.1f} / {r[f'{k}_cpu_ms']:.1f}" for k in ("timm", "eval", "deploy")]
         speed = (f"{r['timm_wall_ms'] / r['deploy_wall_ms']:.2f}x / {r['timm_cpu_ms'] / r['deploy_cpu_ms']:.2f}x")
-        print(f"| {r['model']} | " + " | ".join(cells) + f" | {speed} | {r['max_rel_err']:.1e} |", flush=True)
+        floor = r["gmacs"] / peak_gmacs * 1e3
+        print(f"| {r['model']} | " + " | ".join(cells) + f" | {speed} | {floor:.1f} | {r['max_rel_err']:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

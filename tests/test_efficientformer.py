@@ -140,3 +140,14 @@ def test_mhsa_with_bias_needs_the_grid_for_non_square_token_counts():
     assert attn(torch.randn(1, 6, 32), hw=(2, 3)).shape == (1, 6, 32)
     with pytest.raises(ValueError, match="hw="):
         attn(torch.randn(1, 6, 32))
+
+
+def test_deploy_form_uses_plain_ops_for_autograd_and_counting():
+    model = _random_model()
+    deployed = edgevits.fuse_model(model)
+    assert abs(edgevits.count_macs(deployed) - edgevits.count_macs(model)) <= 0.001 * edgevits.count_macs(model)
+    x = torch.randn(1, 3, 224, 224, requires_grad=True)
+    deployed(x).sum().backward()  # the oneDNN kernels have no autograd; the plain path is taken
+    with torch.no_grad():
+        assert float((deployed(x) - model(x)).abs().max() / model(x).abs().max()) <= 1e-5
+    assert x.grad is not None and x.grad.abs().sum() > 0

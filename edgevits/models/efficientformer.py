@@ -113,14 +113,23 @@ def _probe_onednn() -> tuple[bool, bool]:
 _ONEDNN_LINEAR, _ONEDNN_PACK = _probe_onednn()
 
 
+def _dispatch_mode_active() -> bool:
+    """A Python dispatch mode (FLOP counting, fake tensors, make_fx tracing) is watching the ops."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+        return _get_current_dispatch_mode() is not None
+    except ImportError:  # pragma: no cover  (private helper moved): assume watched, use the plain ops
+        return True
+
+
 def _fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The oneDNN fused kernels have no autograd and are invisible to exporters and compilers: use them only for
-    plain float32 CPU inference in eager mode."""
+    """The oneDNN fused kernels have no autograd and are invisible to exporters, compilers and FLOP counters: use
+    them only for plain float32 CPU inference in eager mode."""
     return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
             and not getattr(torch.compiler, "is_exporting", lambda: False)()
-            and not torch.onnx.is_in_onnx_export())
+            and not torch.onnx.is_in_onnx_export() and not _dispatch_mode_active())
 
 
 class _DeployBlock(nn.Module):

@@ -3,9 +3,9 @@
 The loop is edgevits' training step: soft-target loss over both heads (mixup-style targets), backward, gradient
 clipping, AdamW with the recipe's parameter groups, EMA update. Both models return (cls, dist) in training (timm's
 with ``set_distilled_training(True)``). Steps are interleaved (ours, timm, ours, timm, ...) and the medians of
-per-step times are compared, so a noisy shared machine affects both alike.
+per-step times are compared (the order alternates between rounds), so a noisy shared machine affects both alike.
 
-    python benchmarks/train_throughput.py --img-size 224 --batch-size 32 --rounds 6 --threads 1
+    python benchmarks/train_throughput.py --img-size 224 --batch-size 32 --rounds 12 --threads 1
 """
 from __future__ import annotations
 
@@ -68,9 +68,9 @@ def main() -> None:
         for i in range(args.warmup):
             step(i)
     times = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name, step in steps.items():
-            times[name].append(step(args.warmup + r))
+    for r in range(args.rounds):  # alternate the order each round, so neither model always runs second
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            times[name].append(steps[name](args.warmup + r))
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"swiftformer_xs training step, batch {args.batch_size} at {args.img_size}x{args.img_size}, "
           f"{torch.get_num_threads()} thread(s), median of {args.rounds} interleaved steps")

@@ -11,7 +11,7 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Training settings. Defaults follow the SwiftFormer / EfficientFormer / EfficientViT recipe (DeiT-based, see
     docs/training.md); a few scale down with the run length so that short runs on small data stay sensible."""

@@ -252,6 +252,7 @@ def val_loader(root, classes, img_size: int, crop_pct: float, batch_size: int, w
     indices = list(range(rt.rank, len(ds), rt.world_size))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
                                        collate_fn=collate_skipping, pin_memory=rt.device.type == "cuda",
+                                       persistent_workers=workers > 0,
                                        generator=torch.Generator()), found  # own generator: see train loader
 
 

@@ -264,3 +264,30 @@ def test_mnist5k_writes_an_image_folder(tmp_path):
     assert counts == {"train": 4000, "val": 1000}
     samples, classes = scan_image_folder(tmp_path / "val")
     assert classes == [str(d) for d in range(10)] and len(samples) == 1000
+
+
+def test_repeated_augmentation_keeps_the_epoch_length_and_gives_each_copy_its_own_seed():
+    s = EpochSampler(9, seed=1, repeats=3)
+    items = list(s)
+    assert len(items) == 9 and len({pos for _, _, pos in items}) == 9  # distinct augmentation seeds
+    assert len({i for i, _, _ in items}) == 3  # three images, three copies each
+
+
+def test_adaptive_gradient_clipping_bounds_each_unit_relative_to_its_weights():
+    from edgevits.train.engine import clip_gradients
+    lin = torch.nn.Linear(4, 3)
+    lin.weight.grad, lin.bias.grad = torch.randn(3, 4) * 100, torch.randn(3) * 100
+    clip_gradients(lin.parameters(), 0.01, "agc")
+    unit = lin.weight.detach().norm(dim=1).clamp(min=1e-3) * 0.01
+    assert torch.all(lin.weight.grad.norm(dim=1) <= unit * (1 + 1e-5))
+    assert lin.bias.grad.norm() <= lin.bias.detach().norm().clamp(min=1e-3) * 0.01 * (1 + 1e-5)
+
+
+def test_the_command_line_reports_a_bad_layout_without_a_traceback(tmp_path, capsys):
+    from edgevits.cli import main
+    root = make_folder(tmp_path / "d", n_train=1, n_val=1)
+    (root / "val" / "circle").rename(root / "val" / "circles")
+    code = main(["train", "--data", str(root), "--model", "swiftformer_xs", "--img-size", "32", "--output",
+                 str(tmp_path / "o"), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "differ from the training split" in err and "Traceback" not in err

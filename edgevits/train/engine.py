@@ -14,7 +14,6 @@ Files in the output folder:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -548,7 +547,3 @@ def _progress(iterable, show: bool, desc: str):
         return iterable
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-
-
-def config_to_json(cfg: TrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2)

@@ -199,10 +199,11 @@ class FusedCascadedGroupAttention(nn.Module):
             if feat is not None:  # the cascade: + out_{i-1} W_i, (B*N, d) @ (d, 2k+d)
                 t = torch.addmm(t, feat.view(b * n, -1), self.qkv_weight[i])
             t = t.view(b, n, -1)
-            # query depthwise conv as (k, N, N) @ (k, N, B) -> (k, N, B), then (B, N, k) for the scores; the
-            # copies give every product unit-stride operands, which lets it run as one batched GEMM
-            q = torch.baddbmm(getattr(self, f"dw_bias{i}"), dws[i], t[..., :kd].permute(2, 1, 0).contiguous())
-            q = q.permute(2, 1, 0).contiguous()
+            # query depthwise conv as (k, N, N) @ (k, N, B) -> (k, N, B), then (B, N, k) for the scores; with
+            # B > 1 the copies give every product unit-stride operands, so that each runs as one batched GEMM
+            q = t[..., :kd].permute(2, 1, 0)
+            q = torch.baddbmm(getattr(self, f"dw_bias{i}"), dws[i], q.contiguous() if b > 1 else q)
+            q = q.permute(2, 1, 0).contiguous() if b > 1 else q.permute(2, 1, 0)
             attn = torch.baddbmm(bias[i], q, t[..., kd:2 * kd].transpose(1, 2)).softmax(dim=-1)  # (B, N, N)
             feat = torch.bmm(attn, t[..., 2 * kd:])  # (B, N, d)
             outs.append(feat)

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import torch.nn.functional as F
-
-from ..layers import (AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, conv1x1_to_linear,
-                      fuse_bn_linear, scale_output_)
+from ..layers import (AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, fuse_bn_linear,
+                      scale_output_)
+from ..layers.onednn import FusedLinear
 from ..layers.attention import REGISTRY as ATTENTIONS
 from ..registry import register_model
 from .base import ClassifierModel, ModelConfig
@@ -74,12 +73,12 @@ class ConvEncoderDeploy(nn.Module):
     def __init__(self, dw: nn.Module, pw1: nn.Conv2d, pw2: nn.Conv2d):
         super().__init__()
         self.dw = _channels_last_conv(dw.fuse() if hasattr(dw, "fuse") else dw)
-        self.pw1, self.pw2 = conv1x1_to_linear(pw1), conv1x1_to_linear(pw2)
+        self.pw1, self.pw2 = FusedLinear.from_conv1x1(pw1), FusedLinear.from_conv1x1(pw2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first block
         t = self.dw(x).permute(0, 2, 3, 1)  # (B, H, W, C) view
-        t = self.pw2(F.gelu(self.pw1(t))).add_(x.permute(0, 2, 3, 1))
+        t = self.pw2(self.pw1(t, act="gelu"), residual=x.permute(0, 2, 3, 1))
         return t.permute(0, 3, 1, 2)
 
 
@@ -126,7 +125,7 @@ class SwiftFormerBlockDeploy(nn.Module):
             self.register_buffer("gamma1", gamma1.clone())
         mlp = src.mlp.fuse()  # BN folded into fc1
         scale_output_(mlp.fc2, src.layer_scale_2.gamma)
-        self.fc1, self.fc2 = conv1x1_to_linear(mlp.fc1), conv1x1_to_linear(mlp.fc2)
+        self.fc1, self.fc2 = FusedLinear.from_conv1x1(mlp.fc1), FusedLinear.from_conv1x1(mlp.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.local(x).contiguous(memory_format=torch.channels_last)
@@ -134,7 +133,7 @@ class SwiftFormerBlockDeploy(nn.Module):
         t = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, N, C) view of the channels-last map
         a = self.attn(t, (h, w))
         t = t + (a if self.gamma1 is None else a * self.gamma1)
-        t = t + self.fc2(F.gelu(self.fc1(t)))
+        t = self.fc2(self.fc1(t, act="gelu"), residual=t)
         return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 

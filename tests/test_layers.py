@@ -1,0 +1,125 @@
+"""Shared layers: BN folding algebra, bias tables, the oneDNN fused linear, stochastic depth."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgevits.layers import (ConvNorm, DropPath, NormLinear, RelPosBias, bias_index, fuse_bn_conv, fuse_bn_linear,
+                             fuse_linear_bn, resize_table)
+from edgevits.layers.onednn import FusedLinear
+
+
+def _random_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn.eval()
+
+
+def test_conv_bn_folds_exactly():
+    unit = ConvNorm(8, 16, 3, stride=2, groups=2, bias=True)
+    _random_bn(unit.bn)
+    x = torch.randn(2, 8, 9, 9)
+    torch.testing.assert_close(unit.fuse()(x), unit(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_before_a_1x1_conv_folds_and_a_padded_conv_is_refused():
+    bn, conv = _random_bn(nn.BatchNorm2d(8)), nn.Conv2d(8, 4, 1)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(fuse_bn_conv(bn, conv)(x), conv(bn(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padding"):
+        fuse_bn_conv(bn, nn.Conv2d(8, 4, 3, padding=1))
+
+
+def test_bn_and_linear_fold_both_ways():
+    x = torch.randn(4, 8)
+    unit = NormLinear(8, 3)
+    _random_bn(unit.bn)
+    torch.testing.assert_close(unit.fuse()(x), unit(x), rtol=1e-5, atol=1e-5)
+    lin, bn = nn.Linear(8, 3), _random_bn(nn.BatchNorm1d(3))
+    torch.testing.assert_close(fuse_linear_bn(lin, bn)(x), bn(lin(x)), rtol=1e-5, atol=1e-5)
+    bn2d, head = _random_bn(nn.BatchNorm2d(8)), nn.Linear(8, 3)  # BN2d -> spatial mean -> Linear
+    m = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(fuse_bn_linear(bn2d, head)(m.mean((2, 3))), head(bn2d(m).mean((2, 3))),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _official_index(q_res, k_res, stride):
+    """The official codes' first-seen enumeration of offsets (as in EfficientFormer V1/V2 and EfficientViT)."""
+    q_points = list(itertools.product(range(q_res), range(q_res)))
+    k_points = list(itertools.product(range(k_res), range(k_res)))
+    offsets, idxs = {}, []
+    for p1 in q_points:
+        for p2 in k_points:
+            off = (abs(p1[0] * stride - p2[0]), abs(p1[1] * stride - p2[1]))
+            if off not in offsets:
+                offsets[off] = len(offsets)
+            idxs.append(offsets[off])
+    return torch.tensor(idxs).view(len(q_points), len(k_points)), len(offsets)
+
+
+@pytest.mark.parametrize("q_res,k_res,stride", [(7, 7, 1), (4, 4, 1), (7, 14, 2)])
+def test_bias_index_equals_the_official_enumeration(q_res, k_res, stride):
+    expected, n = _official_index(q_res, k_res, stride)
+    assert n == k_res * k_res
+    assert torch.equal(bias_index((q_res, q_res), (k_res, k_res), stride), expected)
+
+
+def test_bias_table_resizes_bicubically_and_is_identity_at_its_own_size():
+    table = torch.randn(8, 49)
+    assert resize_table(table, (7, 7), (7, 7)) is table
+    big = resize_table(table, (7, 7), (9, 12))
+    assert big.shape == (8, 108)
+    corner = big.view(8, 9, 12)[:, 0, 0]
+    assert torch.allclose(corner, table.view(8, 7, 7)[:, 0, 0], atol=0.6)  # bicubic keeps the corner close
+
+
+def test_bias_follows_in_place_edits_in_eval_form_and_freezes_once_fused():
+    bias = RelPosBias(4, (7, 7))
+    with torch.no_grad():
+        bias.attention_biases.normal_()
+    before = bias((7, 7), (7, 7)).clone()
+    bias.attention_biases.data.add_(1.0)  # a .data write bypasses autograd's version counter
+    assert torch.allclose(bias((7, 7), (7, 7)), before + 1.0)
+    frozen = bias.fuse()
+    assert torch.equal(frozen((7, 7), (7, 7)), bias((7, 7), (7, 7)))
+    assert torch.equal(frozen((5, 5), (5, 5)), bias((5, 5), (5, 5)))  # other sizes: gathered once per size
+    with torch.no_grad():
+        frozen.table.add_(1.0)
+    assert torch.allclose(frozen((5, 5), (5, 5)), bias((5, 5), (5, 5)) + 1.0)
+
+
+def test_fused_linear_equals_plain_ops_and_honours_weight_edits():
+    lin = FusedLinear(16, 32)
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 32)
+    ref = nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), ref)
+        torch.testing.assert_close(lin(x, act="gelu"), nn.functional.gelu(ref), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin(x, residual=r), ref + r)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+    clone = copy.deepcopy(lin)
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(x, act="gelu"), lin(x, act="gelu"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        lin(x, act="gelu")
+    assert counter.get_total_flops() == 2 * 3 * 5 * 16 * 32  # plain ops while counting
+    y = lin(x.requires_grad_(), act="gelu")
+    y.sum().backward()
+    assert lin.weight.grad is not None
+
+
+def test_drop_path_is_identity_in_eval_and_keeps_the_mean_in_training():
+    dp = DropPath(0.5)
+    x = torch.ones(4000, 3)
+    assert dp.eval()(x) is x
+    out = dp.train()(x)
+    assert set(out.unique().tolist()) <= {0.0, 2.0} and abs(out.mean().item() - 1.0) < 0.1

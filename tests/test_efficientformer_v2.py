@@ -184,3 +184,17 @@ def test_checkpoint_of_another_variant_raises_a_checkpoint_error():
         edgevits.create_model("efficientformerv2_s1", checkpoint=sd)
     with pytest.raises(CheckpointError, match="no known efficientformer_v2 format"):
         edgevits.create_model("efficientformerv2_s0", checkpoint={"foo.weight": torch.zeros(1)})
+
+
+def test_deploy_form_fused_cpu_kernels_match_plain_ops(monkeypatch):
+    from edgevits.layers.attention import attention4d
+    model = edgevits.create_model("efficientformerv2_s0")
+    randomize_(model)
+    fused = edgevits.fuse_model(calibrate_bn(model, [torch.randn(2, 3, 224, 224)]))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fast = fused(x)
+        monkeypatch.setattr(attention4d, "_ONEDNN_CONV", None)  # GPUs, other builds, tracing take this path
+        plain = fused(x)
+    logits, centred = parity(fast, plain)
+    assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)

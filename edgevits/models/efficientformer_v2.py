@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..layers import ConvNorm, DropPath, LayerScale, fuse_bn_linear, scale_output_, to_2tuple
-from ..layers.attention.attention4d import Attention4D, Attention4DDownsample, deploy_act
+from ..layers.attention.attention4d import Attention4D, Attention4DDownsample, FusedConv
 from ..registry import register_model
 from .base import ClassifierModel, ModelConfig
 
@@ -52,12 +52,19 @@ class ConvMlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc2 = ConvNorm(hidden, dim, 1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` (deploy form only): added to the output inside the last conv."""
+        if isinstance(self.fc2, FusedConv):
+            return self.fc2(self.mid(self.fc1(x)), residual)
         x = self.act(self.mid(self.act(self.fc1(x))))
-        return self.drop(self.fc2(self.drop(x)))
+        x = self.drop(self.fc2(self.drop(x)))
+        return x if residual is None else x + residual
 
     def fuse(self) -> nn.Module:
-        self.act = deploy_act(self.act)  # the BNs are folded into fc1/mid/fc2 by then (their own fuse)
+        """BNs are folded by then (the ConvNorms' own fuse); fold the GELUs in as post-ops."""
+        if isinstance(self.fc2, nn.Conv2d) and type(self.act) is nn.GELU and self.act.approximate == "none":
+            self.fc1, self.mid, self.fc2 = FusedConv(self.fc1, "gelu"), FusedConv(self.mid, "gelu"), FusedConv(self.fc2)
+            self.act = nn.Identity()
         return self
 
 
@@ -86,6 +93,8 @@ class EfficientFormerV2Block(nn.Module):
         if self.fused and _inplace_ok(x):
             if self.token_mixer is not None:
                 x = self.drop_path(self.token_mixer(x)).add_(x)
+            if self.drop_path.p == 0.0 or not self.training:
+                return self.mlp(x, residual=x)
             return self.drop_path(self.mlp(x)).add_(x)
         if self.token_mixer is not None:
             x = x + self.drop_path(self.layer_scale_1(self.token_mixer(x)))
@@ -93,8 +102,9 @@ class EfficientFormerV2Block(nn.Module):
 
     def fuse(self) -> nn.Module:
         """Fold the layer scales into the last conv of each branch (its BN is already folded by then)."""
-        if isinstance(self.layer_scale_2, LayerScale) and isinstance(self.mlp.fc2, nn.Conv2d):
-            scale_output_(self.mlp.fc2, self.layer_scale_2.gamma)
+        if isinstance(self.layer_scale_2, LayerScale):
+            fc2 = self.mlp.fc2.conv if isinstance(self.mlp.fc2, FusedConv) else self.mlp.fc2
+            scale_output_(fc2, self.layer_scale_2.gamma)
             self.layer_scale_2 = nn.Identity()
         if isinstance(self.layer_scale_1, LayerScale) and isinstance(getattr(self.token_mixer, "proj", None),
                                                                      nn.Conv2d):
@@ -168,7 +178,7 @@ class EfficientFormerV2(ClassifierModel):
         self.stages = nn.ModuleList(stages)
         self.num_features = dims[-1]
         self.norm = nn.BatchNorm2d(dims[-1])
-        self.layout = torch.contiguous_format  # the deploy form runs channels-last (see fuse)
+        self.channels_last = False  # the deploy form runs on channels-last maps (see fuse)
         self._init_heads()
         self._init_weights()
 
@@ -181,7 +191,7 @@ class EfficientFormerV2(ClassifierModel):
                     nn.init.zeros_(m.bias)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x.contiguous(memory_format=self.layout))
+        x = self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         outs = []
         for stage in self.stages:
             x = stage(x)
@@ -189,7 +199,7 @@ class EfficientFormerV2(ClassifierModel):
         return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x.contiguous(memory_format=self.layout))
+        x = self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)
@@ -200,9 +210,10 @@ class EfficientFormerV2(ClassifierModel):
         internal layout conversions that allocate and copy large temporaries on every call; channels-last maps
         avoid them. Outputs are unchanged; the stage outputs come back with channels-last strides."""
         super().fuse()
-        self.stem = nn.Sequential(*[deploy_act(m) for m in self.stem])
+        if len(self.stem) == 4:  # conv, GELU, conv, GELU -> two convs with the GELU as a post-op
+            self.stem = nn.Sequential(FusedConv(self.stem[0], "gelu"), FusedConv(self.stem[2], "gelu"))
         self.to(memory_format=torch.channels_last)
-        self.layout = torch.channels_last
+        self.channels_last = True
         return self
 
     def _fold_final_norm(self) -> None:

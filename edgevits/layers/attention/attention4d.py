@@ -54,6 +54,89 @@ def deploy_act(act: nn.Module) -> nn.Module:
     return InplaceGELU() if type(act) is nn.GELU and act.approximate == "none" else act
 
 
+def _onednn_conv_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return None
+
+
+_ONEDNN_CONV = _onednn_conv_op()
+
+
+def _exporting() -> bool:
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export())
+
+
+class FusedConv(nn.Module):
+    """Deploy-form ``act(conv(x) + residual)`` (residual and act optional, act is None or exact GELU).
+
+    On CPU, for float32 channels-last maps without autograd, this is one oneDNN convolution with the GELU or the
+    sum applied as a post-op (the kernels ``torch.compile`` uses on CPU), so the map is written once instead of
+    being re-read by separate passes (oneDNN takes no GELU after a sum: that GELU runs in place). Anywhere else (GPU, other dtypes, gradients, tracing and
+    export) it runs the same computation with ordinary PyTorch ops. ``conv`` keeps the weights.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: str | None = None):
+        super().__init__()
+        if act not in (None, "gelu"):
+            raise ValueError(f"FusedConv supports act=None or 'gelu', got {act!r}")
+        self.conv = conv
+        self.act = act
+
+    def _onednn_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        if _ONEDNN_CONV is None or x.device.type != "cpu" or x.dtype != torch.float32 or _exporting():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad
+                                        or (residual is not None and residual.requires_grad)):
+            return False
+        if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+            return False
+        cl = torch.channels_last
+        return x.is_contiguous(memory_format=cl) and (residual is None or residual.is_contiguous(memory_format=cl))
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight reordered once into oneDNN's blocked layout for this input shape (cached; re-packed when the
+        weight tensor, its version counter or the input shape changes)."""
+        c = self.conv
+        key = (c.weight.data_ptr(), c.weight._version, tuple(x.shape))
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(c.weight, list(c.padding), list(c.stride),
+                                                                  list(c.dilation), c.groups, list(x.shape))
+            cached = (key, packed)
+            self.__dict__["_packed"] = cached  # a plain attribute: not a parameter, never saved
+        return cached[1]
+
+    def __getstate__(self):  # deepcopy/pickle: leave the opaque packed weight behind, it is rebuilt on demand
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        return state
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.conv
+        if self._onednn_ok(x, residual):
+            args = (self._packed_weight(x), c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups)
+            algorithm = "none" if self.act else None  # "none": the exact (erf) GELU
+            if residual is None:
+                return _ONEDNN_CONV(x, *args, self.act or "none", [], algorithm)
+            y = _ONEDNN_CONV.binary(x, residual, *args, "add", 1.0, None, [], None)  # no unary after a sum
+            return torch.ops.aten.gelu_(y) if self.act else y
+        y = c(x)
+        if residual is not None:
+            y = y + residual
+        if self.act:
+            y = F.gelu(y) if torch.is_grad_enabled() and y.requires_grad else torch.ops.aten.gelu_(y)
+        return y
+
+    def fuse(self) -> "FusedConv":
+        return self
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
 def _table(bias: RelPosBias | FrozenRelPosBias) -> torch.Tensor:
     """The (heads, Ht*Wt) table of a bias module in either form (children are fused before their parent)."""
     return (bias.attention_biases if isinstance(bias, RelPosBias) else bias.table).detach()
@@ -139,7 +222,8 @@ class Attention4DDeploy(nn.Module):
         self.splits = [kh, kh, self.dh]
         self.stride_conv = _fused(src.stride_conv) if src.stride_conv is not None else None
         self.qkv = _merge_convs([_fused(src.q), _fused(src.k), _fused(src.v)], [src.scale, 1.0, 1.0])
-        self.v_local = _fused(src.v_local)
+        # v_local(v) + (attn v), then GELU unless the bilinear upsample comes first
+        self.v_local = FusedConv(_fused(src.v_local), None if src.stride_conv is not None else "gelu")
         heads = self.num_heads
         w1 = src.talking_head1.weight.detach().reshape(heads, heads)
         b1 = src.talking_head1.bias.detach()
@@ -161,8 +245,7 @@ class Attention4DDeploy(nn.Module):
         h, w = x.shape[-2:]
         n, heads = h * w, self.num_heads
         qkv = self.qkv(x)
-        v = qkv[:, -self.dh:]
-        v_local = self.v_local(v)
+        v_map = qkv[:, -self.dh:].contiguous(memory_format=torch.channels_last)
         tokens = qkv.permute(0, 2, 3, 1).reshape(B, n, -1)  # (B, N, 2*kh + dh): a view for channels-last maps
         q, k, v = tokens.split(self.splits, dim=-1)
         q = q.reshape(B, n, heads, self.key_dim).transpose(1, 2)  # (B, heads, N, key_dim)
@@ -172,11 +255,12 @@ class Attention4DDeploy(nn.Module):
         attn = _mix_heads(self.th1_weight, q @ k, bias).softmax(dim=-1)
         attn = _mix_heads(self.th2_weight, attn, self.th2_bias)
         out = (attn @ v).transpose(1, 2).reshape(B, h, w, self.dh).permute(0, 3, 1, 2)  # channels-last strides
-        out = out + v_local
-        if self.stride_conv is not None:
-            # PyTorch's CPU bilinear kernel converts a channels-first input to channels-last and back on every
-            # call (slow transposing copies of the (dh, H, W) output); on a channels-last input it runs directly.
-            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        out = self.v_local(v_map, residual=out)
+        if self.stride_conv is None:
+            return self.proj(out)  # the GELU ran inside v_local
+        # PyTorch's CPU bilinear kernel converts a channels-first input to channels-last and back on every
+        # call (slow transposing copies of the (dh, H, W) output); on a channels-last input it runs directly.
+        out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         return self.proj(self.act(out))
 
     def fuse(self) -> "Attention4DDeploy":
@@ -258,7 +342,7 @@ class Attention4DDownsampleDeploy(nn.Module):
         self.q_proj = _merge_convs([_fused(src.q.proj)], [src.scale])
         self.kv = _merge_convs([_fused(src.k), _fused(src.v)])
         self.splits = [self.key_dim * self.num_heads, self.dh]
-        self.v_local = _fused(src.v_local)
+        self.v_local = FusedConv(_fused(src.v_local), "gelu")  # GELU(v_local(v) + attn v)
         self.pos_bias = src.pos_bias.fuse() if isinstance(src.pos_bias, RelPosBias) else src.pos_bias
         self.act = deploy_act(src.act)
         self.proj = _fused(src.proj)
@@ -271,13 +355,13 @@ class Attention4DDownsampleDeploy(nn.Module):
         h2, w2 = q.shape[-2:]
         q = q.permute(0, 2, 3, 1).reshape(B, h2 * w2, heads, self.key_dim).transpose(1, 2)  # (B, heads, N/4, kd)
         kv = self.kv(x)
-        v_local = self.v_local(kv[:, -self.dh:])
         k, v = kv.permute(0, 2, 3, 1).reshape(B, n, -1).split(self.splits, dim=-1)
         k = k.reshape(B, n, heads, self.key_dim).permute(0, 2, 3, 1)  # (B, heads, key_dim, N)
         v = v.reshape(B, n, heads, self.d).transpose(1, 2)  # (B, heads, N, d)
         attn = (q @ k + self.pos_bias((h2, w2), (H, W), 2)).softmax(dim=-1)  # (B, heads, N/4, N)
-        out = (attn @ v).transpose(1, 2).reshape(B, h2, w2, self.dh).permute(0, 3, 1, 2) + v_local
-        return self.proj(self.act(out))
+        out = (attn @ v).transpose(1, 2).reshape(B, h2, w2, self.dh).permute(0, 3, 1, 2)  # channels-last strides
+        v_map = kv[:, -self.dh:].contiguous(memory_format=torch.channels_last)
+        return self.proj(self.v_local(v_map, residual=out))  # GELU inside v_local
 
     def fuse(self) -> "Attention4DDownsampleDeploy":
         return self

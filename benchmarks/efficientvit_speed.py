@@ -1,10 +1,12 @@
 """Eager latency of the EfficientViT-MSRA deploy form (edgevits.fuse_model) against timm's eager model.
 
 The two models are timed interleaved in one process, one forward pass each in turn (A, B, A, B, ...), and the
-medians compared, since absolute times on a shared machine are noisy. Both get the same weights (timm's randomised state dict, loaded through
-edgevits), and the script checks that the outputs agree before timing.
+medians compared, since absolute times on a shared machine are noisy (``--clock cpu`` times this process's CPU
+time instead of the wall clock). Both get the same weights (timm's randomised state dict, loaded through
+edgevits), and the script reports how far the outputs differ.
 
-    python benchmarks/efficientvit_speed.py --models efficientvit_m0 efficientvit_m4 --batch 1 16 --threads 1
+    python benchmarks/efficientvit_speed.py --models efficientvit_m0 efficientvit_m4 --batch 1 16 --threads 1 \
+        --clock cpu
 """
 from __future__ import annotations
 

@@ -346,10 +346,13 @@ class EfficientFormer(ClassifierModel):
         self._init_heads()
         self._init_weights()
 
+    @torch.no_grad()
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                # The official trunc_normal_(std=0.02) clips at +-2, i.e. 100 standard deviations: the same
+                # distribution as a plain normal draw, which is 2-3x faster (it matters for L7's 82M weights).
+                m.weight.normal_(0.0, 0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

@@ -157,7 +157,10 @@ def test_depthwise_conv_as_a_matrix_equals_the_conv():
         torch.testing.assert_close(out, ref)
 
 
-def test_local_window_attention_alone_pads_and_fuses():
+@pytest.mark.parametrize("matrix_dw", [True, False], ids=["dw-as-matrices", "dw-as-conv"])
+def test_local_window_attention_alone_pads_and_fuses(matrix_dw, monkeypatch):
+    if not matrix_dw:  # the deploy form's other path for the query conv (taken for windows over 49 tokens)
+        monkeypatch.setattr(FusedCascadedGroupAttention, "matrix_dw_max_tokens", 0)
     layer = LocalWindowAttention(32, key_dim=16, num_heads=2, attn_ratio=1.0, resolution=14, window=7,
                                  kernels=(5, 3))
     randomize_(layer)

@@ -145,6 +145,8 @@ class FusedCascadedGroupAttention(nn.Module):
     * ``proj_weight``/``proj_bias``: the output 1x1 conv with its BN folded; ``pos_bias``: the gathered bias.
     """
 
+    matrix_dw_max_tokens = 49  # windows up to this many tokens run the query conv as matrices
+
     def __init__(self, src: CascadedGroupAttention):
         super().__init__()
         self.num_heads, self.key_dim, self.val_dim = src.num_heads, src.key_dim, src.val_dim
@@ -189,7 +191,7 @@ class FusedCascadedGroupAttention(nn.Module):
         b, n, c = x.shape
         heads, kd = self.num_heads, self.key_dim
         bias = self.pos_bias(size, size)  # (heads, N, N)
-        dws = self._dw_matrices(size)
+        dws = self._dw_matrices(size) if size[0] * size[1] <= self.matrix_dw_max_tokens else None
         # every head's projection of its own chunk at once: (heads, B*N, chunk) @ (heads, chunk, 2k+d)
         pre = torch.baddbmm(self.qkv_bias, x.reshape(b * n, heads, c // heads).transpose(0, 1), self.qkv_weight)
         outs = []
@@ -199,11 +201,17 @@ class FusedCascadedGroupAttention(nn.Module):
             if feat is not None:  # the cascade: + out_{i-1} W_i, (B*N, d) @ (d, 2k+d)
                 t = torch.addmm(t, feat.view(b * n, -1), self.qkv_weight[i])
             t = t.view(b, n, -1)
-            # query depthwise conv as (k, N, N) @ (k, N, B) -> (k, N, B), then (B, N, k) for the scores; with
-            # B > 1 the copies give every product unit-stride operands, so that each runs as one batched GEMM
-            q = t[..., :kd].permute(2, 1, 0)
-            q = torch.baddbmm(getattr(self, f"dw_bias{i}"), dws[i], q.contiguous() if b > 1 else q)
-            q = q.permute(2, 1, 0).contiguous() if b > 1 else q.permute(2, 1, 0)
+            if dws is not None:
+                # query depthwise conv as (k, N, N) @ (k, N, B) -> (k, N, B), then (B, N, k) for the scores; with
+                # B > 1 the copies give every product unit-stride operands, so that each runs as one batched GEMM
+                q = t[..., :kd].permute(2, 1, 0)
+                q = torch.baddbmm(getattr(self, f"dw_bias{i}"), dws[i], q.contiguous() if b > 1 else q)
+                q = q.permute(2, 1, 0).contiguous() if b > 1 else q.permute(2, 1, 0)
+            else:  # the conv itself, on the channels-last view of the query: (B, H, W, k) -> (B, N, k)
+                q = F.conv2d(t[..., :kd].reshape(b, size[0], size[1], kd).permute(0, 3, 1, 2),
+                             getattr(self, f"dw_weight{i}"), getattr(self, f"dw_bias{i}").view(-1),
+                             padding=self.kernels[i] // 2, groups=kd)
+                q = q.permute(0, 2, 3, 1).reshape(b, n, kd)
             attn = torch.baddbmm(bias[i], q, t[..., kd:2 * kd].transpose(1, 2)).softmax(dim=-1)  # (B, N, N)
             feat = torch.bmm(attn, t[..., 2 * kd:])  # (B, N, d)
             outs.append(feat)

@@ -118,24 +118,21 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedFFN(nn.Module):
-    """Deploy FFN on the channels-last rows of the map: two matrix products whatever the batch.
-
-    ``pw1`` gains one extra output fixed at 1 (weight 0, bias 1; ReLU keeps it 1) and ``pw2`` a matching input
-    column holding its bias, so the second product adds the bias and the residual in one ``addmm``.
-    """
+    """Deploy FFN on the channels-last rows of the map: two matrix products whatever the batch, the residual
+    accumulated by the second one."""
 
     def __init__(self, pw1: nn.Conv2d, pw2: nn.Conv2d):
         super().__init__()
         with torch.no_grad():
-            w1, w2 = pw1.weight.flatten(1), pw2.weight.flatten(1)  # (hidden, C), (C, hidden)
-            self.register_buffer("w1", torch.cat([w1, w1.new_zeros(1, w1.shape[1])]).t().contiguous())
-            self.register_buffer("b1", torch.cat([pw1.bias, pw1.bias.new_ones(1)]))
-            self.register_buffer("w2", torch.cat([w2, pw2.bias[:, None]], dim=1).t().contiguous())
+            self.register_buffer("w1", pw1.weight.flatten(1).t().contiguous())  # (C, hidden)
+            self.register_buffer("b1", pw1.bias.detach().clone())
+            self.register_buffer("w2", pw2.weight.flatten(1).t().contiguous())  # (hidden, C)
+            self.register_buffer("b2", pw2.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _channels_last_rows(x)  # (BHW, C)
-        hidden = torch.relu_(torch.addmm(self.b1, rows, self.w1))  # (BHW, hidden + 1)
-        return _from_rows(torch.addmm(rows, hidden, self.w2), x)
+        hidden = torch.relu_(torch.addmm(self.b1, rows, self.w1))  # (BHW, hidden)
+        return _from_rows(torch.addmm(rows, hidden, self.w2).add_(self.b2), x)
 
 
 class _Pointwise(nn.Module):

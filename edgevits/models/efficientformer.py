@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers import ConvNorm, DropPath, LayerScale, Mlp, fuse_conv_bn, scale_output_, to_2tuple
 from ..layers.attention.mhsa import MHSA
+from ..layers.onednn import FusedLinear
 from ..registry import register_model
 from .base import ClassifierModel, ModelConfig
 
@@ -93,97 +94,7 @@ class Meta4D(nn.Module):
         return Meta4DDeploy(self.ls1.gamma, fc1, fc2, self.pool.kernel_size)
 
 
-def _probe_onednn() -> tuple[bool, bool]:
-    """Whether this PyTorch build has oneDNN's fused linear kernels (x86 and most ARM builds do), and whether it
-    can pre-pack weights for them."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.ones(2, 4), torch.ones(3, 4)
-        ok = torch.allclose(op(x, w, None, "gelu", [], "none"), F.gelu(x @ w.t()))
-        ok = ok and torch.allclose(op.binary(x, torch.ones(2, 3), w, None, "add"), x @ w.t() + 1)
-    except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
-        return False, False
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        return ok, ok and torch.allclose(op(x, packed, None, "none", [], "none"), x @ w.t())
-    except Exception:  # noqa: BLE001
-        return ok, False
-
-
-_ONEDNN_LINEAR, _ONEDNN_PACK = _probe_onednn()
-
-
-def _dispatch_mode_active() -> bool:
-    """A Python dispatch mode (FLOP counting, fake tensors, make_fx tracing) is watching the ops."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-        return _get_current_dispatch_mode() is not None
-    except ImportError:  # pragma: no cover  (private helper moved): assume watched, use the plain ops
-        return True
-
-
-def _fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The oneDNN fused kernels have no autograd and are invisible to exporters, compilers and FLOP counters: use
-    them only for plain float32 CPU inference in eager mode."""
-    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-            and not getattr(torch.compiler, "is_exporting", lambda: False)()
-            and not torch.onnx.is_in_onnx_export() and not _dispatch_mode_active())
-
-
-class _DeployBlock(nn.Module):
-    """Base of the deploy blocks: keeps oneDNN-packed copies of their Linear weights for the fused kernels.
-
-    The packed copies are opaque tensors that can be neither saved nor deep-copied, so they live outside the
-    state dict in a plain cache, are dropped on copy/pickle/``.to()``, and are rebuilt whenever the weight changes
-    (keyed on the tensor's version counter and storage, so an in-place edit of a weight is honoured).
-    """
-
-    def _weight_for_fused(self, name: str, linear: nn.Linear) -> torch.Tensor:
-        w = linear.weight
-        if not _ONEDNN_PACK or w.is_inference():  # an inference tensor has no version counter to key a cache on
-            return w
-        cache = self.__dict__.setdefault("_onednn_packed", {})
-        stamp = (w._version, w.data_ptr())
-        hit = cache.get(name)
-        if hit is None or hit[0] != stamp:
-            with torch.no_grad():
-                hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-            cache[name] = hit
-        return hit[1]
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_onednn_packed"}
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_onednn_packed", None)
-        return super()._apply(fn, recurse)
-
-
-def _linear_gelu(x: torch.Tensor, linear: nn.Linear, weight: torch.Tensor | None) -> torch.Tensor:
-    """``gelu(linear(x))``; one oneDNN kernel (GEMM with a GELU epilogue) when given its ``weight``."""
-    if weight is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "gelu", [], "none")
-    return F.gelu(F.linear(x, linear.weight, linear.bias))
-
-
-def _linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, weight: torch.Tensor | None
-                ) -> torch.Tensor:
-    """``residual + linear(x)``; one oneDNN kernel (GEMM with an add epilogue) when given its ``weight``."""
-    if weight is not None:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, linear.bias, "add")
-    return F.linear(x, linear.weight, linear.bias).add_(residual)
-
-
-def _linear(x: torch.Tensor, linear: nn.Linear, weight: torch.Tensor | None) -> torch.Tensor:
-    if weight is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "none", [], "none")
-    return F.linear(x, linear.weight, linear.bias)
-
-
-class Meta4DDeploy(_DeployBlock):
+class Meta4DDeploy(nn.Module):
     """Deploy form of Meta4D, written for eager speed at small batches on CPU.
 
     BatchNorms and ``ls2`` are folded into the two 1x1 convs, which run as GEMMs on channels-last memory (no
@@ -197,8 +108,8 @@ class Meta4DDeploy(_DeployBlock):
     def __init__(self, gamma: torch.Tensor, fc1: nn.Conv2d, fc2: nn.Conv2d, pool_size: int):
         super().__init__()
         self.register_buffer("gamma", gamma.detach().clone().view(-1, 1, 1))
-        self.fc1 = _conv1x1_to_linear(fc1)
-        self.fc2 = _conv1x1_to_linear(fc2)
+        self.fc1 = FusedLinear.from_conv1x1(fc1)
+        self.fc2 = FusedLinear.from_conv1x1(fc2)
         self.pool_size = pool_size
 
     def forward(self, x: torch.Tensor, hw=None) -> torch.Tensor:
@@ -206,19 +117,8 @@ class Meta4DDeploy(_DeployBlock):
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op after the first block
         x = torch.lerp(x, F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False), self.gamma)
         t = x.permute(0, 2, 3, 1)  # (B, H, W, C): a contiguous view of the channels-last map
-        fused = _fused_kernels_usable(t, self.fc1.weight)
-        w1 = self._weight_for_fused("fc1", self.fc1) if fused else None
-        w2 = self._weight_for_fused("fc2", self.fc2) if fused else None
-        t = _linear_add(_linear_gelu(t, self.fc1, w1), self.fc2, t, w2)
+        t = self.fc2(self.fc1(t, act="gelu"), residual=t)
         return t.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
-
-
-@torch.no_grad()
-def _conv1x1_to_linear(conv: nn.Conv2d) -> nn.Linear:
-    linear = nn.Linear(conv.in_channels, conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
-    linear.weight.copy_(conv.weight.flatten(1))
-    linear.bias.copy_(conv.bias)
-    return linear
 
 
 class Meta3D(nn.Module):
@@ -249,27 +149,25 @@ class Meta3D(nn.Module):
         return Meta3DDeploy(self.norm1, self.attn, self.norm2, self.mlp.fc1, self.mlp.fc2)
 
 
-class Meta3DDeploy(_DeployBlock):
+class Meta3DDeploy(nn.Module):
     """Deploy form of Meta3D: plain LayerNorms (their affines live in ``qkv`` and ``fc1``), layer scales folded
     into ``proj`` and ``fc2``, GELU and the residual adds fused into the GEMMs where oneDNN's kernels exist."""
 
     def __init__(self, norm1: nn.LayerNorm, attn: MHSA, norm2: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear):
         super().__init__()
-        self.norm1, self.attn, self.norm2, self.fc1, self.fc2 = norm1, attn, norm2, fc1, fc2
+        attn.qkv, attn.proj = FusedLinear.from_linear(attn.qkv), FusedLinear.from_linear(attn.proj)
+        self.norm1, self.attn, self.norm2 = norm1, attn, norm2
+        self.fc1, self.fc2 = FusedLinear.from_linear(fc1), FusedLinear.from_linear(fc2)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         attn = self.attn
-        fused = _fused_kernels_usable(x, self.fc1.weight)
-        w = {k: self._weight_for_fused(k, m) if fused else None
-             for k, m in (("qkv", attn.qkv), ("proj", attn.proj), ("fc1", self.fc1), ("fc2", self.fc2))}
         b, n, _ = x.shape
-        qkv = _linear(self.norm1(x), attn.qkv, w["qkv"])
-        q, k, v = qkv.view(b, n, attn.num_heads, -1).transpose(1, 2).split([attn.key_dim, attn.key_dim, attn.val_dim],
-                                                                           dim=3)  # (B, heads, N, d) each
+        qkv = attn.qkv(self.norm1(x)).view(b, n, attn.num_heads, -1).transpose(1, 2)
+        q, k, v = qkv.split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)  # (B, heads, N, d) each
         bias = attn.rel_pos(*(2 * [attn._grid(n, hw)])) if attn.rel_pos is not None else None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # (B, heads, N, val_dim)
-        x = _linear_add(o.transpose(1, 2).reshape(b, n, -1), attn.proj, x, w["proj"])
-        return _linear_add(_linear_gelu(self.norm2(x), self.fc1, w["fc1"]), self.fc2, x, w["fc2"])
+        x = attn.proj(o.transpose(1, 2).reshape(b, n, -1), residual=x)
+        return self.fc2(self.fc1(self.norm2(x), act="gelu"), residual=x)
 
 
 @torch.no_grad()

@@ -68,11 +68,6 @@ class ConvMlp(nn.Module):
         return self
 
 
-def _inplace_ok(*tensors: torch.Tensor) -> bool:
-    """Whether a residual sum may overwrite its branch output (no autograd graph to keep intact)."""
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-
-
 class EfficientFormerV2Block(nn.Module):
     """``x + ls1 * Attention4D(x)`` (attention blocks only), then ``x + ls2 * ConvMlp(x)``.
 
@@ -90,12 +85,11 @@ class EfficientFormerV2Block(nn.Module):
         self.fused = False  # deploy form: the residual sums reuse the branch outputs' buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and _inplace_ok(x):
+        if self.fused and (self.drop_path.p == 0.0 or not self.training):
+            # deploy form: each skip connection is summed inside the branch's last conv
             if self.token_mixer is not None:
-                x = self.drop_path(self.token_mixer(x)).add_(x)
-            if self.drop_path.p == 0.0 or not self.training:
-                return self.mlp(x, residual=x)
-            return self.drop_path(self.mlp(x)).add_(x)
+                x = self.token_mixer(x, residual=x)
+            return self.mlp(x, residual=x)
         if self.token_mixer is not None:
             x = x + self.drop_path(self.layer_scale_1(self.token_mixer(x)))
         return x + self.drop_path(self.layer_scale_2(self.mlp(x)))
@@ -106,11 +100,13 @@ class EfficientFormerV2Block(nn.Module):
             fc2 = self.mlp.fc2.conv if isinstance(self.mlp.fc2, FusedConv) else self.mlp.fc2
             scale_output_(fc2, self.layer_scale_2.gamma)
             self.layer_scale_2 = nn.Identity()
-        if isinstance(self.layer_scale_1, LayerScale) and isinstance(getattr(self.token_mixer, "proj", None),
-                                                                     nn.Conv2d):
-            scale_output_(self.token_mixer.proj, self.layer_scale_1.gamma)
+        proj = getattr(self.token_mixer, "proj", None)
+        proj = proj.conv if isinstance(proj, FusedConv) else proj
+        if isinstance(self.layer_scale_1, LayerScale) and isinstance(proj, nn.Conv2d):
+            scale_output_(proj, self.layer_scale_1.gamma)
             self.layer_scale_1 = nn.Identity()
-        self.fused = not isinstance(self.layer_scale_1, LayerScale) and not isinstance(self.layer_scale_2, LayerScale)
+        self.fused = isinstance(self.mlp.fc2, FusedConv) and not isinstance(self.layer_scale_1, LayerScale) \
+            and not isinstance(self.layer_scale_2, LayerScale)
         return self
 
 
@@ -123,10 +119,15 @@ class Downsample(nn.Module):
         self.attn = Attention4DDownsample(in_dim, out_dim, resolution=attn_resolution) if attn_resolution else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.conv, FusedConv):  # deploy form: the conv branch is summed inside the attention's proj
+            return self.conv(x) if self.attn is None else self.attn(x, residual=self.conv(x))
         out = self.conv(x)
-        if self.attn is None:
-            return out
-        return self.attn(x).add_(out) if not self.training and _inplace_ok(x) else self.attn(x) + out
+        return out if self.attn is None else self.attn(x) + out
+
+    def fuse(self) -> nn.Module:
+        if isinstance(self.conv, nn.Conv2d):  # the BN is folded by then
+            self.conv = FusedConv(self.conv)
+        return self
 
 
 class EfficientFormerV2Stage(nn.Module):

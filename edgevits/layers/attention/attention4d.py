@@ -15,6 +15,7 @@ from torch import nn
 from ..bias import FrozenRelPosBias, RelPosBias
 from ..conv import ConvNorm
 from ..misc import to_2tuple
+from ..onednn import fused_kernels_usable
 
 Size = tuple[int, int]
 
@@ -54,28 +55,34 @@ def deploy_act(act: nn.Module) -> nn.Module:
     return InplaceGELU() if type(act) is nn.GELU and act.approximate == "none" else act
 
 
-def _onednn_conv_op():
+def _conv_probe() -> bool:
+    """Whether this build's oneDNN convolution with post-ops (and weight pre-packing) works."""
     try:
-        return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return None
+        op = torch.ops.mkldnn._convolution_pointwise
+        x = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(2, 2, 1, 1)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
+        ref = F.conv2d(x, w)
+        ok = torch.allclose(op(x, packed, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none"), F.gelu(ref))
+        return ok and torch.allclose(op.binary(x, ref, packed, None, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None,
+                                               [], None), 2 * ref)
+    except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
+        return False
 
 
-_ONEDNN_CONV = _onednn_conv_op()
-
-
-def _exporting() -> bool:
-    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.onnx.is_in_onnx_export())
+ONEDNN_CONV = _conv_probe()
 
 
 class FusedConv(nn.Module):
     """Deploy-form ``act(conv(x) + residual)`` (residual and act optional, act is None or exact GELU).
 
-    On CPU, for float32 channels-last maps without autograd, this is one oneDNN convolution with the GELU or the
-    sum applied as a post-op (the kernels ``torch.compile`` uses on CPU), so the map is written once instead of
-    being re-read by separate passes (oneDNN takes no GELU after a sum: that GELU runs in place). Anywhere else (GPU, other dtypes, gradients, tracing and
-    export) it runs the same computation with ordinary PyTorch ops. ``conv`` keeps the weights.
+    On CPU, for float32 channels-last maps in plain eager inference (``layers.onednn.fused_kernels_usable``: no
+    autograd, tracing, export, compiling or FLOP counting), this is one oneDNN convolution on a pre-packed weight
+    with the GELU or the sum as a post-op (the kernels ``torch.compile`` uses on CPU): the output map is written
+    once instead of being re-read by separate passes. oneDNN takes no GELU after a sum; that GELU runs in place.
+    Anywhere else the same computation runs as ordinary ops. ``conv`` keeps the weights; the packed copy is an
+    opaque tensor kept outside the state dict, dropped on copy/pickle/``.to()`` and rebuilt when the weight
+    changes (keyed on its storage and version counter) or the input shape does.
     """
 
     def __init__(self, conv: nn.Conv2d, act: str | None = None):
@@ -86,42 +93,36 @@ class FusedConv(nn.Module):
         self.act = act
 
     def _onednn_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        if _ONEDNN_CONV is None or x.device.type != "cpu" or x.dtype != torch.float32 or _exporting():
+        if not ONEDNN_CONV or not fused_kernels_usable(x, self.conv.weight):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad
-                                        or (residual is not None and residual.requires_grad)):
-            return False
-        if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        if residual is not None and (residual.requires_grad and torch.is_grad_enabled()):
             return False
         cl = torch.channels_last
         return x.is_contiguous(memory_format=cl) and (residual is None or residual.is_contiguous(memory_format=cl))
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight reordered once into oneDNN's blocked layout for this input shape (cached; re-packed when the
-        weight tensor, its version counter or the input shape changes)."""
         c = self.conv
-        key = (c.weight.data_ptr(), c.weight._version, tuple(x.shape))
-        cached = self.__dict__.get("_packed")
+        w = c.weight
+        if w.is_inference():  # no version counter to key a cache on: oneDNN reorders it per call
+            return w
+        key = (w.data_ptr(), w._version, tuple(x.shape))
+        cached = self.__dict__.get("_onednn_packed")
         if cached is None or cached[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(c.weight, list(c.padding), list(c.stride),
-                                                                  list(c.dilation), c.groups, list(x.shape))
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), list(c.padding), list(c.stride),
+                                                                      list(c.dilation), c.groups, list(x.shape))
             cached = (key, packed)
-            self.__dict__["_packed"] = cached  # a plain attribute: not a parameter, never saved
+            self.__dict__["_onednn_packed"] = cached
         return cached[1]
-
-    def __getstate__(self):  # deepcopy/pickle: leave the opaque packed weight behind, it is rebuilt on demand
-        state = self.__dict__.copy()
-        state.pop("_packed", None)
-        return state
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conv
         if self._onednn_ok(x, residual):
+            op = torch.ops.mkldnn._convolution_pointwise
             args = (self._packed_weight(x), c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups)
-            algorithm = "none" if self.act else None  # "none": the exact (erf) GELU
-            if residual is None:
-                return _ONEDNN_CONV(x, *args, self.act or "none", [], algorithm)
-            y = _ONEDNN_CONV.binary(x, residual, *args, "add", 1.0, None, [], None)  # no unary after a sum
+            if residual is None:  # algorithm "none": the exact (erf) GELU
+                return op(x, *args, self.act or "none", [], "none" if self.act else None)
+            y = op.binary(x, residual, *args, "add", 1.0, None, [], None)
             return torch.ops.aten.gelu_(y) if self.act else y
         y = c(x)
         if residual is not None:
@@ -129,6 +130,15 @@ class FusedConv(nn.Module):
         if self.act:
             y = F.gelu(y) if torch.is_grad_enabled() and y.requires_grad else torch.ops.aten.gelu_(y)
         return y
+
+    def __getstate__(self):  # deepcopy/pickle: leave the opaque packed weight behind, it is rebuilt on demand
+        state = self.__dict__.copy()
+        state.pop("_onednn_packed", None)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_onednn_packed", None)
+        return super()._apply(fn, recurse)
 
     def fuse(self) -> "FusedConv":
         return self
@@ -220,8 +230,8 @@ class Attention4DDeploy(nn.Module):
         self.num_heads, self.key_dim, self.d, self.dh = src.num_heads, src.key_dim, src.d, src.dh
         kh = self.key_dim * self.num_heads
         self.splits = [kh, kh, self.dh]
-        self.stride_conv = _fused(src.stride_conv) if src.stride_conv is not None else None
-        self.qkv = _merge_convs([_fused(src.q), _fused(src.k), _fused(src.v)], [src.scale, 1.0, 1.0])
+        self.stride_conv = FusedConv(_fused(src.stride_conv)) if src.stride_conv is not None else None
+        self.qkv = FusedConv(_merge_convs([_fused(src.q), _fused(src.k), _fused(src.v)], [src.scale, 1.0, 1.0]))
         # v_local(v) + (attn v), then GELU unless the bilinear upsample comes first
         self.v_local = FusedConv(_fused(src.v_local), None if src.stride_conv is not None else "gelu")
         heads = self.num_heads
@@ -234,9 +244,10 @@ class Attention4DDeploy(nn.Module):
         mixed.attention_biases.copy_(w1 @ _table(src.pos_bias) + b1[:, None])
         self.pos_bias = FrozenRelPosBias(mixed)
         self.act = deploy_act(src.act)
-        self.proj = _fused(src.proj)
+        self.proj = FusedConv(_fused(src.proj))  # the enclosing block passes its residual to it
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` is added to the output inside the last conv (the block's skip connection)."""
         # Written for channels-last maps (the deploy model's layout): per-head views are taken from the
         # (B, h, w, C) memory order and the attention output is written back in it, so no map changes layout.
         B, _, H, W = x.shape
@@ -257,11 +268,11 @@ class Attention4DDeploy(nn.Module):
         out = (attn @ v).transpose(1, 2).reshape(B, h, w, self.dh).permute(0, 3, 1, 2)  # channels-last strides
         out = self.v_local(v_map, residual=out)
         if self.stride_conv is None:
-            return self.proj(out)  # the GELU ran inside v_local
+            return self.proj(out, residual)  # the GELU ran inside v_local
         # PyTorch's CPU bilinear kernel converts a channels-first input to channels-last and back on every
         # call (slow transposing copies of the (dh, H, W) output); on a channels-last input it runs directly.
         out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
-        return self.proj(self.act(out))
+        return self.proj(self.act(out), residual)
 
     def fuse(self) -> "Attention4DDeploy":
         return self
@@ -334,20 +345,22 @@ class Attention4DDownsampleDeploy(nn.Module):
         super().__init__()
         self.num_heads, self.key_dim, self.d, self.dh = src.num_heads, src.key_dim, src.d, src.dh
         local = src.q.local
-        self.q_local = nn.Conv2d(local.in_channels, local.out_channels, 3, stride=2, padding=1,
-                                 groups=local.groups, device=local.weight.device, dtype=local.weight.dtype)
-        self.q_local.weight.copy_(local.weight)
-        self.q_local.weight[:, 0, 1, 1] += 1.0
-        self.q_local.bias.copy_(local.bias)
-        self.q_proj = _merge_convs([_fused(src.q.proj)], [src.scale])
-        self.kv = _merge_convs([_fused(src.k), _fused(src.v)])
+        q_local = nn.Conv2d(local.in_channels, local.out_channels, 3, stride=2, padding=1, groups=local.groups,
+                            device=local.weight.device, dtype=local.weight.dtype)
+        q_local.weight.copy_(local.weight)
+        q_local.weight[:, 0, 1, 1] += 1.0
+        q_local.bias.copy_(local.bias)
+        self.q_local = FusedConv(q_local)
+        self.q_proj = FusedConv(_merge_convs([_fused(src.q.proj)], [src.scale]))
+        self.kv = FusedConv(_merge_convs([_fused(src.k), _fused(src.v)]))
         self.splits = [self.key_dim * self.num_heads, self.dh]
         self.v_local = FusedConv(_fused(src.v_local), "gelu")  # GELU(v_local(v) + attn v)
         self.pos_bias = src.pos_bias.fuse() if isinstance(src.pos_bias, RelPosBias) else src.pos_bias
         self.act = deploy_act(src.act)
-        self.proj = _fused(src.proj)
+        self.proj = FusedConv(_fused(src.proj))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` is added to the output inside the last conv (the downsample's conv branch)."""
         # channels-last friendly, as Attention4DDeploy.forward
         B, _, H, W = x.shape
         heads, n = self.num_heads, H * W
@@ -361,7 +374,7 @@ class Attention4DDownsampleDeploy(nn.Module):
         attn = (q @ k + self.pos_bias((h2, w2), (H, W), 2)).softmax(dim=-1)  # (B, heads, N/4, N)
         out = (attn @ v).transpose(1, 2).reshape(B, h2, w2, self.dh).permute(0, 3, 1, 2)  # channels-last strides
         v_map = kv[:, -self.dh:].contiguous(memory_format=torch.channels_last)
-        return self.proj(self.v_local(v_map, residual=out))  # GELU inside v_local
+        return self.proj(self.v_local(v_map, residual=out), residual)  # GELU inside v_local
 
     def fuse(self) -> "Attention4DDownsampleDeploy":
         return self

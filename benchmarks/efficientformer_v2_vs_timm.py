@@ -1,10 +1,14 @@
-"""Batch-1 CPU latency of edgevits' eager deploy form vs timm's eager EfficientFormerV2 (not a test).
+"""Batch-1 CPU latency of edgevits' EfficientFormerV2 (eval form and eager deploy form) vs timm's eager model
+(not a test).
 
-Both models get the same randomised weights (timm's, loaded into edgevits), outputs are checked to agree, then
-the two are timed interleaved in one process (A, B, A, B, ...) and the medians compared, so that load from other
-processes affects both alike.
+The three models carry the same randomised weights (timm's, loaded into edgevits); their outputs are checked to
+agree, then they are timed interleaved in one process (one call each per round, the order rotating every round)
+and the medians compared, so that load from other processes hits all of them alike. Besides wall time the script
+reports the calling thread's CPU time (``time.thread_time``), which a busy machine disturbs far less; with
+``--threads 1`` all the work runs on that thread. The last column is the time the model's multiply-accumulates
+would take at this core's measured float32 GEMM peak: no eager implementation can go below it.
 
-    python benchmarks/efficientformer_v2_vs_timm.py --models s0 l --runs 20 --threads 1
+    python benchmarks/efficientformer_v2_vs_timm.py --models s0 s1 s2 l --runs 30 --threads 1
 """
 from __future__ import annotations
 
@@ -18,48 +22,70 @@ import edgevits
 from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
 
 
-def _time_once(model, x) -> float:
-    t0 = time.perf_counter()
-    model(x)
-    return (time.perf_counter() - t0) * 1e3
+def gemm_peak_gmacs(n: int = 1024, runs: int = 10) -> float:
+    """Single-call float32 matrix-product throughput (GMAC/s) of this thread, by thread-CPU time."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(runs):
+        c0 = time.thread_time()
+        a @ b
+        times.append(time.thread_time() - c0)
+    return n ** 3 / statistics.median(times) / 1e9
 
 
-@torch.no_grad()
-def compare(variant: str, runs: int = 20, warmup: int = 3, size: int = 224) -> dict:
-    """Median batch-1 latency (ms) of timm's eager model and edgevits' eager deploy form, timed interleaved."""
-    timm = import_timm()
+def compare(variant: str, runs: int = 30, warmup: int = 3, size: int = 224) -> dict:
+    """Median batch-1 wall and thread-CPU milliseconds of timm eager, edgevits eval form and deploy form."""
     name = f"efficientformerv2_{variant}"
-    ref = timm.create_model(name)
+    ref = import_timm().create_model(name)
     randomize_(ref)
     calibrate_bn(ref, [torch.randn(2, 3, size, size)])
-    ours = edgevits.fuse_model(edgevits.create_model(name, checkpoint=ref.state_dict()))
+    ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
+    models = {"timm": ref, "eval": ours, "deploy": edgevits.fuse_model(ours)}
     x = torch.randn(1, 3, size, size)
-    err = parity(ours(x), ref(x))
-    for _ in range(warmup):
-        ref(x), ours(x)
-    t_ref, t_ours = [], []
-    for _ in range(runs):
-        t_ref.append(_time_once(ref, x))
-        t_ours.append(_time_once(ours, x))
-    m_ref, m_ours = statistics.median(t_ref), statistics.median(t_ours)
-    return dict(model=name, timm_ms=m_ref, edgevits_ms=m_ours, speedup=m_ref / m_ours, parity=err)
+    with torch.inference_mode():
+        want = ref(x)
+        err = max(parity(models["deploy"](x), want)[0], parity(ours(x), want)[0])
+        for model in models.values():
+            for _ in range(warmup):
+                model(x)
+        wall = {k: [] for k in models}
+        cpu = {k: [] for k in models}
+        names = list(models)
+        for r in range(runs):
+            for k in names[r % 3:] + names[:r % 3]:
+                c0, t0 = time.thread_time(), time.perf_counter()
+                models[k](x)
+                wall[k].append((time.perf_counter() - t0) * 1e3)
+                cpu[k].append((time.thread_time() - c0) * 1e3)
+    out = dict(model=name, max_rel_err=err, gmacs=edgevits.count_macs(ours, size) / 1e9)
+    for k in names:
+        out[f"{k}_wall_ms"] = statistics.median(wall[k])
+        out[f"{k}_cpu_ms"] = statistics.median(cpu[k])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["s0", "s1", "s2", "l"])
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"median of {args.runs} interleaved runs")
-    print("| model | timm eager (ms) | edgevits deploy, eager (ms) | speed-up |")
-    print("|---|---|---|---|")
+    peak = gemm_peak_gmacs()
+    print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, medians of "
+          f"{args.runs} interleaved calls (wall / thread CPU, ms); GEMM peak {peak:.1f} GMAC/s")
+    print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) "
+          "| MACs at GEMM peak (ms) | max rel. error vs timm |")
+    print("|---|---|---|---|---|---|---|")
     for v in args.models:
         r = compare(v, args.runs, size=args.size)
-        print(f"| {r['model']} | {r['timm_ms']:.1f} | {r['edgevits_ms']:.1f} | {r['speedup']:.2f}x |", flush=True)
+        cells = [f"{r[k + '_wall_ms']:.1f} / {r[k + '_cpu_ms']:.1f}" for k in ("timm", "eval", "deploy")]
+        speed = f"{r['timm_wall_ms'] / r['deploy_wall_ms']:.2f}x / {r['timm_cpu_ms'] / r['deploy_cpu_ms']:.2f}x"
+        print(f"| {r['model']} | {' | '.join(cells)} | {speed} | {r['gmacs'] / peak * 1e3:.1f} "
+              f"| {r['max_rel_err']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

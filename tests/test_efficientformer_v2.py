@@ -198,3 +198,19 @@ def test_deploy_form_fused_cpu_kernels_match_plain_ops(monkeypatch):
         plain = fused(x)
     logits, centred = parity(fast, plain)
     assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)
+
+
+@pytest.mark.parametrize("size", [224, (192, 288)], ids=str)
+def test_deploy_algebra_is_exact_in_float64(size):
+    # float32 rounding, amplified by the randomised BNs and layer scales, hides small mistakes near the 1e-5
+    # parity threshold; in float64 every fold (BN, layer scale, q scale, talking head into the bias, the
+    # query's subsampling into its dw conv) must hold to rounding.
+    h, w = (size, size) if isinstance(size, int) else size
+    model = edgevits.create_model("efficientformerv2_s0")
+    randomize_(model)
+    model = calibrate_bn(model.double(), [torch.randn(2, 3, 224, 224, dtype=torch.float64)])
+    fused = edgevits.fuse_model(model)
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        logits, centred = parity(fused(x), model(x))
+    assert logits <= 1e-9 and centred <= 1e-9, (logits, centred)

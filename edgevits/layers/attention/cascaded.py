@@ -11,12 +11,14 @@ head outputs are concatenated and projected back (ReLU -> 1x1 conv + BN).
 at the bottom/right to a multiple of the window, cut into windows that are stacked along the batch dimension,
 attended, put back and cropped. A map no larger than the window is attended globally.
 
-Deploy form (``fuse()``, called by ``edgevits.fuse_model``): ``FusedCascadedGroupAttention``. Every conv + BN is
-folded, the softmax scale is folded into the query's depthwise conv, and the bias tables are gathered once. Since
-each head's q/k/v projection is a 1x1 conv, ``qkv_i(chunk_i + out_{i-1}) = qkv_i(chunk_i) + W_i out_{i-1}``: the
-projections of all the input chunks are computed together by one grouped conv, and only the correction
-``W_i out_{i-1}`` (one batched matrix product) stays in the sequential cascade. That cuts the number of small ops
-per head roughly in half, which is what limits these models at batch 1.
+Deploy form (``fuse()``, called by ``edgevits.fuse_model``): ``FusedCascadedGroupAttention`` and
+``FusedLocalWindowAttention``, on tokens in channels-last order. Every conv + BN is folded, the softmax scale is
+folded into the query's depthwise conv, and the bias tables are gathered once. Since each head's q/k/v projection
+is a 1x1 conv, ``qkv_i(chunk_i + out_{i-1}) = qkv_i(chunk_i) + W_i out_{i-1}``: the projections of all the input
+chunks are computed together by one batched matrix product, and only the correction ``W_i out_{i-1}`` (one
+``addmm``) stays in the sequential cascade. The query's depthwise conv runs as a batched product with per-channel
+(N, N) matrices on windows of up to 49 tokens. That roughly halves the number of small ops per head, which is what
+limits these models at batch 1.
 """
 from __future__ import annotations
 

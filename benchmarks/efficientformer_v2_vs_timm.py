@@ -9,11 +9,16 @@ reports the calling thread's CPU time (``time.thread_time``), which a busy machi
 would take at this core's measured float32 GEMM peak: no eager implementation can go below it.
 
     python benchmarks/efficientformer_v2_vs_timm.py --models s0 s1 s2 l --runs 30 --threads 1
+
+``--ops`` adds what explains the difference: single ops timed in both memory layouts, the page faults one forward
+pass takes, and the ops timm's eager model spends most time in (torch.profiler, batch 1).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -66,12 +71,86 @@ def compare(variant: str, runs: int = 30, warmup: int = 3, size: int = 224) -> d
     return out
 
 
+_FAULTS = """
+import resource, statistics, sys, torch, edgevits
+from edgevits.testing import import_timm
+torch.set_num_threads(1)
+name, which, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = import_timm().create_model(name).eval()
+if which == "deploy":
+    model = edgevits.fuse_model(edgevits.create_model(name, checkpoint=model.state_dict()))
+x = torch.randn(1, 3, size, size)
+counts = []
+with torch.inference_mode():
+    for _ in range(13):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(int(statistics.median(counts[3:])))
+"""
+
+
+def _cpu_ms(fn, runs: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        c0 = time.thread_time()
+        fn()
+        times.append((time.thread_time() - c0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def op_report(variant: str = "s0", size: int = 224) -> None:
+    """Print the op-level evidence: layout-sensitive ops, page faults per forward, timm's most expensive ops."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    cl = torch.channels_last
+    z = torch.randn(1, 1024, 7, 7)  # the stride attention's output before its x2 upsample (S0 and L)
+    h = torch.randn(1, 128, 56, 56)  # the FFN's hidden map in S0's first stage
+    w = torch.randn(128, 1, 3, 3)
+    print("| op (batch 1) | channels-first (ms) | channels-last (ms) |")
+    print("|---|---|---|")
+    for label, fn in [
+        ("bilinear x2 upsample, 1024x7x7", lambda t: F.interpolate(t, scale_factor=2, mode="bilinear")),
+        ("depthwise 3x3 conv, 128x56x56", lambda t: F.conv2d(t, w, padding=1, groups=128)),
+    ]:
+        t = z if "upsample" in label else h
+        tc = t.contiguous(memory_format=cl)
+        print(f"| {label} | {_cpu_ms(lambda: fn(t)):.3f} | {_cpu_ms(lambda: fn(tc)):.3f} |")
+
+    name = f"efficientformerv2_{variant}"
+    print(f"\n| {name}, one forward pass in a fresh process | minor page faults (median of 10) |")
+    print("|---|---|")
+    for label, which in (("timm eager", "timm"), ("edgevits deploy form", "deploy")):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, name, which, str(size)], capture_output=True,
+                             text=True, check=True)
+        print(f"| {label} | {out.stdout.strip()} |")
+
+    ref = import_timm().create_model(name).eval()
+    x = torch.randn(1, 3, size, size)
+    for _ in range(3):
+        ref(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            ref(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n| timm {name}: op | calls per forward | share of self CPU time |")
+    print("|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"| {e.key} | {e.count // 5} | {e.self_cpu_time_total / total:.1%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["s0", "s1", "s2", "l"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--ops", action="store_true", help="also print the op-level evidence (see the docstring)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peak = gemm_peak_gmacs()
@@ -86,6 +165,9 @@ def main() -> None:
         speed = f"{r['timm_wall_ms'] / r['deploy_wall_ms']:.2f}x / {r['timm_cpu_ms'] / r['deploy_cpu_ms']:.2f}x"
         print(f"| {r['model']} | {' | '.join(cells)} | {speed} | {r['gmacs'] / peak * 1e3:.1f} "
               f"| {r['max_rel_err']:.1e} |", flush=True)
+    if args.ops:
+        print()
+        op_report(args.models[0], args.size)
 
 
 if __name__ == "__main__":

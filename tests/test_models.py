@@ -84,11 +84,17 @@ def test_fused_model_equals_eval_model_and_has_no_batchnorm(name):
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         ref, out = model(x), fused(x)
+    # float32, with the fast kernels of the deploy form: the randomised networks amplify rounding (the float32 eval
+    # model itself sits up to ~7e-6 from its float64 self), hence 1e-4 here and an exactness check in float64 below
     logits, centred = parity(out, ref)
-    assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)
+    assert logits <= 1e-4 and centred <= 1e-4, (logits, centred)
     again = edgevits.fuse_model(fused)  # idempotent
     with torch.no_grad():
         torch.testing.assert_close(again(x), out)
+    model64, x64 = model.double(), x.double()
+    with torch.no_grad():
+        logits, centred = parity(edgevits.fuse_model(model64)(x64), model64(x64))
+    assert logits <= 1e-9 and centred <= 1e-9, (logits, centred)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -59,9 +59,9 @@ class ClassifierModel(nn.Module):
         """Replace the classifier(s) with fresh ones for ``num_classes`` (0 removes them: pooled features out)."""
         ref = next(self.parameters())
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes).to(ref.device, ref.dtype)
-        if self.head_dist is not None:
-            self.head_dist = self._make_head(num_classes).to(ref.device, ref.dtype)
+        self.head = self._make_head(num_classes).to(ref.device, ref.dtype).train(self.training)
+        if self.head_dist is not None:  # fresh heads follow the model's mode (a BN1d head must not train in eval)
+            self.head_dist = self._make_head(num_classes).to(ref.device, ref.dtype).train(self.training)
 
     def get_classifier(self) -> nn.Module:
         return self.head

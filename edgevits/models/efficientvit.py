@@ -324,12 +324,6 @@ class EfficientViT(ClassifierModel):
         nn.init.zeros_(head.linear.bias)
         return head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        super().reset_classifier(num_classes)
-        for head in (self.head, self.head_dist):  # a fresh BN1d head must follow the model's train/eval mode
-            if head is not None:
-                head.train(self.training)
-
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outs = []

@@ -175,7 +175,7 @@ def _fold_ln_affine(norm: nn.LayerNorm, linear: nn.Linear) -> None:
     """``linear(LN(x))`` -> ``linear'(LN_plain(x))``: the LN keeps its normalisation, its affine moves forward."""
     if norm.weight is None:
         return
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+    bias = linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
     linear.bias = nn.Parameter(bias + linear.weight @ norm.bias if norm.bias is not None else bias.clone())
     linear.weight.mul_(norm.weight.view(1, -1))
     norm.weight, norm.bias = None, None

@@ -91,6 +91,7 @@ class FusedConv(nn.Module):
             raise ValueError(f"FusedConv supports act=None or 'gelu', got {act!r}")
         self.conv = conv
         self.act = act
+        self._geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def _onednn_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         if not ONEDNN_CONV or not fused_kernels_usable(x, self.conv.weight):
@@ -105,12 +106,12 @@ class FusedConv(nn.Module):
         w = c.weight
         if w.is_inference():  # no version counter to key a cache on: oneDNN reorders it per call
             return w
-        key = (w.data_ptr(), w._version, tuple(x.shape))
+        key = (w.data_ptr(), w._version, x.shape)
         cached = self.__dict__.get("_onednn_packed")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), list(c.padding), list(c.stride),
-                                                                      list(c.dilation), c.groups, list(x.shape))
+                packed = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), *self._geometry[:3],
+                                                                      c.groups, list(x.shape))
             cached = (key, packed)
             self.__dict__["_onednn_packed"] = cached
         return cached[1]
@@ -119,7 +120,7 @@ class FusedConv(nn.Module):
         c = self.conv
         if self._onednn_ok(x, residual):
             op = torch.ops.mkldnn._convolution_pointwise
-            args = (self._packed_weight(x), c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups)
+            args = (self._packed_weight(x), c.bias, *self._geometry)
             if residual is None:  # algorithm "none": the exact (erf) GELU
                 return op(x, *args, self.act or "none", [], "none" if self.act else None)
             y = op.binary(x, residual, *args, "add", 1.0, None, [], None)

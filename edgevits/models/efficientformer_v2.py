@@ -82,7 +82,7 @@ class EfficientFormerV2Block(nn.Module):
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
         self.layer_scale_2 = LayerScale((dim, 1, 1), layer_scale_init)
         self.drop_path = DropPath(drop_path)
-        self.fused = False  # deploy form: the residual sums reuse the branch outputs' buffers
+        self.fused = False  # deploy form: the skip connections are summed inside the branches' last convs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and (self.drop_path.p == 0.0 or not self.training):
@@ -105,8 +105,8 @@ class EfficientFormerV2Block(nn.Module):
         if isinstance(self.layer_scale_1, LayerScale) and isinstance(proj, nn.Conv2d):
             scale_output_(proj, self.layer_scale_1.gamma)
             self.layer_scale_1 = nn.Identity()
-        self.fused = isinstance(self.mlp.fc2, FusedConv) and not isinstance(self.layer_scale_1, LayerScale) \
-            and not isinstance(self.layer_scale_2, LayerScale)
+        self.fused = isinstance(self.mlp.fc2, FusedConv) and not isinstance(self.token_mixer, Attention4D) \
+            and not isinstance(self.layer_scale_1, LayerScale) and not isinstance(self.layer_scale_2, LayerScale)
         return self
 
 
@@ -125,8 +125,8 @@ class Downsample(nn.Module):
         return out if self.attn is None else self.attn(x) + out
 
     def fuse(self) -> nn.Module:
-        if isinstance(self.conv, nn.Conv2d):  # the BN is folded by then
-            self.conv = FusedConv(self.conv)
+        if isinstance(self.conv, nn.Conv2d) and not isinstance(self.attn, Attention4DDownsample):
+            self.conv = FusedConv(self.conv)  # the BN is folded by then, the attention is in its deploy form
         return self
 
 

@@ -4,7 +4,8 @@ Both add a learned relative-position bias (``RelPosBias``) to the attention logi
 the training resolution and resized bicubically to whatever resolution the input has, so any input size divisible
 by 32 works. In the train/eval form the bias is gathered from the live parameter on every call (never stale);
 ``fuse()`` returns a deploy module with every BatchNorm folded, the query scale folded into the query conv, the
-query/key/value convolutions merged into one, and the bias gathered once (``FrozenRelPosBias``).
+query/key/value convolutions merged into one, and the bias gathered once (``FrozenRelPosBias``); the deploy
+modules work on channels-last maps and run their convs as ``FusedConv`` (oneDNN post-op kernels on CPU).
 """
 from __future__ import annotations
 

@@ -187,14 +187,14 @@ def test_checkpoint_of_another_variant_raises_a_checkpoint_error():
 
 
 def test_deploy_form_fused_cpu_kernels_match_plain_ops(monkeypatch):
-    from edgevits.layers.attention import attention4d
+    from edgevits.layers import onednn
     model = edgevits.create_model("efficientformerv2_s0")
     randomize_(model)
     fused = edgevits.fuse_model(calibrate_bn(model, [torch.randn(2, 3, 224, 224)]))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         fast = fused(x)
-        monkeypatch.setattr(attention4d, "ONEDNN_CONV", False)  # GPUs, other builds, tracing take this path
+        monkeypatch.setattr(onednn, "ONEDNN_CONV", False)  # GPUs, other builds, tracing take this path
         plain = fused(x)
     logits, centred = parity(fast, plain)
     assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)

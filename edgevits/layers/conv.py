@@ -84,6 +84,20 @@ def conv1x1_to_linear(conv: nn.Conv2d) -> nn.Linear:
 
 
 @torch.no_grad()
+def merge_convs(convs: list[nn.Conv2d], scales: list[float] | None = None) -> nn.Conv2d:
+    """One 1x1 conv whose output channels are those of ``convs`` stacked, each optionally multiplied by a scale."""
+    scales = scales or [1.0] * len(convs)
+    ref = convs[0]
+    out_chs = sum(c.out_channels for c in convs)
+    merged = nn.Conv2d(ref.in_channels, out_chs, ref.kernel_size, ref.stride, ref.padding, bias=True,
+                       device=ref.weight.device, dtype=ref.weight.dtype)
+    merged.weight.copy_(torch.cat([c.weight * s for c, s in zip(convs, scales)]))
+    merged.bias.copy_(torch.cat([(c.bias if c.bias is not None else torch.zeros(c.out_channels)) * s
+                                 for c, s in zip(convs, scales)]))
+    return merged
+
+
+@torch.no_grad()
 def scale_output_(layer: nn.Conv2d | nn.Linear, gamma: torch.Tensor) -> None:
     """Fold a per-channel output scale (a layer scale) into ``layer`` in place: layer(x) * gamma."""
     gamma = gamma.reshape(-1)

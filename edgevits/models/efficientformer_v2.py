@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..layers import ConvNorm, DropPath, LayerScale, fuse_bn_linear, scale_output_, to_2tuple
-from ..layers.attention.attention4d import Attention4D, Attention4DDownsample, FusedConv
+from ..layers.attention.attention4d import Attention4D, Attention4DDownsample
+from ..layers.onednn import FusedConv
 from ..registry import register_model
 from .base import ClassifierModel, ModelConfig
 

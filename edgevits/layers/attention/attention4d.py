@@ -14,25 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bias import FrozenRelPosBias, RelPosBias
-from ..conv import ConvNorm
+from ..conv import ConvNorm, merge_convs
 from ..misc import to_2tuple
-from ..onednn import fused_kernels_usable
+from ..onednn import FusedConv
 
 Size = tuple[int, int]
-
-
-@torch.no_grad()
-def _merge_convs(convs: list[nn.Conv2d], scales: list[float] | None = None) -> nn.Conv2d:
-    """One 1x1 conv whose output channels are those of ``convs`` stacked, each optionally multiplied by a scale."""
-    scales = scales or [1.0] * len(convs)
-    ref = convs[0]
-    out_chs = sum(c.out_channels for c in convs)
-    merged = nn.Conv2d(ref.in_channels, out_chs, ref.kernel_size, ref.stride, ref.padding, bias=True,
-                       device=ref.weight.device, dtype=ref.weight.dtype)
-    merged.weight.copy_(torch.cat([c.weight * s for c, s in zip(convs, scales)]))
-    merged.bias.copy_(torch.cat([(c.bias if c.bias is not None else torch.zeros(c.out_channels)) * s
-                                 for c, s in zip(convs, scales)]))
-    return merged
 
 
 def _fused(module: nn.Module) -> nn.Module:
@@ -54,99 +40,6 @@ class InplaceGELU(nn.Module):
 def deploy_act(act: nn.Module) -> nn.Module:
     """The in-place variant of an exact GELU, any other activation unchanged."""
     return InplaceGELU() if type(act) is nn.GELU and act.approximate == "none" else act
-
-
-def _conv_probe() -> bool:
-    """Whether this build's oneDNN convolution with post-ops (and weight pre-packing) works."""
-    try:
-        op = torch.ops.mkldnn._convolution_pointwise
-        x = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
-        w = torch.ones(2, 2, 1, 1)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
-        ref = F.conv2d(x, w)
-        ok = torch.allclose(op(x, packed, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none"), F.gelu(ref))
-        return ok and torch.allclose(op.binary(x, ref, packed, None, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None,
-                                               [], None), 2 * ref)
-    except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
-        return False
-
-
-ONEDNN_CONV = _conv_probe()
-
-
-class FusedConv(nn.Module):
-    """Deploy-form ``act(conv(x) + residual)`` (residual and act optional, act is None or exact GELU).
-
-    On CPU, for float32 channels-last maps in plain eager inference (``layers.onednn.fused_kernels_usable``: no
-    autograd, tracing, export, compiling or FLOP counting), this is one oneDNN convolution on a pre-packed weight
-    with the GELU or the sum as a post-op (the kernels ``torch.compile`` uses on CPU): the output map is written
-    once instead of being re-read by separate passes. oneDNN takes no GELU after a sum; that GELU runs in place.
-    Anywhere else the same computation runs as ordinary ops. ``conv`` keeps the weights; the packed copy is an
-    opaque tensor kept outside the state dict, dropped on copy/pickle/``.to()`` and rebuilt when the weight
-    changes (keyed on its storage and version counter) or the input shape does.
-    """
-
-    def __init__(self, conv: nn.Conv2d, act: str | None = None):
-        super().__init__()
-        if act not in (None, "gelu"):
-            raise ValueError(f"FusedConv supports act=None or 'gelu', got {act!r}")
-        self.conv = conv
-        self.act = act
-        self._geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-
-    def _onednn_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        if not ONEDNN_CONV or not fused_kernels_usable(x, self.conv.weight):
-            return False
-        if residual is not None and (residual.requires_grad and torch.is_grad_enabled()):
-            return False
-        cl = torch.channels_last
-        return x.is_contiguous(memory_format=cl) and (residual is None or residual.is_contiguous(memory_format=cl))
-
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        w = c.weight
-        if w.is_inference():  # no version counter to key a cache on: oneDNN reorders it per call
-            return w
-        key = (w.data_ptr(), w._version, x.shape)
-        cached = self.__dict__.get("_onednn_packed")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), *self._geometry[:3],
-                                                                      c.groups, list(x.shape))
-            cached = (key, packed)
-            self.__dict__["_onednn_packed"] = cached
-        return cached[1]
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.conv
-        if self._onednn_ok(x, residual):
-            op = torch.ops.mkldnn._convolution_pointwise
-            args = (self._packed_weight(x), c.bias, *self._geometry)
-            if residual is None:  # algorithm "none": the exact (erf) GELU
-                return op(x, *args, self.act or "none", [], "none" if self.act else None)
-            y = op.binary(x, residual, *args, "add", 1.0, None, [], None)
-            return torch.ops.aten.gelu_(y) if self.act else y
-        y = c(x)
-        if residual is not None:
-            y = y + residual
-        if self.act:
-            y = F.gelu(y) if torch.is_grad_enabled() and y.requires_grad else torch.ops.aten.gelu_(y)
-        return y
-
-    def __getstate__(self):  # deepcopy/pickle: leave the opaque packed weight behind, it is rebuilt on demand
-        state = self.__dict__.copy()
-        state.pop("_onednn_packed", None)
-        return state
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_onednn_packed", None)
-        return super()._apply(fn, recurse)
-
-    def fuse(self) -> "FusedConv":
-        return self
-
-    def extra_repr(self) -> str:
-        return f"act={self.act}"
 
 
 def _table(bias: RelPosBias | FrozenRelPosBias) -> torch.Tensor:
@@ -233,7 +126,7 @@ class Attention4DDeploy(nn.Module):
         kh = self.key_dim * self.num_heads
         self.splits = [kh, kh, self.dh]
         self.stride_conv = FusedConv(_fused(src.stride_conv)) if src.stride_conv is not None else None
-        self.qkv = FusedConv(_merge_convs([_fused(src.q), _fused(src.k), _fused(src.v)], [src.scale, 1.0, 1.0]))
+        self.qkv = FusedConv(merge_convs([_fused(src.q), _fused(src.k), _fused(src.v)], [src.scale, 1.0, 1.0]))
         # v_local(v) + (attn v), then GELU unless the bilinear upsample comes first
         self.v_local = FusedConv(_fused(src.v_local), None if src.stride_conv is not None else "gelu")
         heads = self.num_heads
@@ -353,8 +246,8 @@ class Attention4DDownsampleDeploy(nn.Module):
         q_local.weight[:, 0, 1, 1] += 1.0
         q_local.bias.copy_(local.bias)
         self.q_local = FusedConv(q_local)
-        self.q_proj = FusedConv(_merge_convs([_fused(src.q.proj)], [src.scale]))
-        self.kv = FusedConv(_merge_convs([_fused(src.k), _fused(src.v)]))
+        self.q_proj = FusedConv(merge_convs([_fused(src.q.proj)], [src.scale]))
+        self.kv = FusedConv(merge_convs([_fused(src.k), _fused(src.v)]))
         self.splits = [self.key_dim * self.num_heads, self.dh]
         self.v_local = FusedConv(_fused(src.v_local), "gelu")  # GELU(v_local(v) + attn v)
         self.pos_bias = src.pos_bias.fuse() if isinstance(src.pos_bias, RelPosBias) else src.pos_bias

@@ -49,7 +49,7 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, w
         raise BackendUnavailable("onnxruntime is not installed") from e
     path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse,
                        optimize=False)
-    session = onnx_session(path, threads)
+    session = onnx_session(path, threads, spinning=False)  # no busy-waiting into the next timed run
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])

@@ -67,7 +67,11 @@ def _sync(device: str) -> None:
 
 def time_interleaved(runners: dict[str, Callable], x: torch.Tensor, warmup: int, repeats: int,
                      min_repeats: int, budget_s: float, device: str = "cpu") -> dict[str, list[float]]:
-    """Seconds per call for each runner, measured round-robin (the order rotates every round)."""
+    """Seconds per call for each runner, measured round-robin (the order rotates every round).
+
+    Each timed call is preceded by one untimed call of the same runner: backends keep their own thread pools
+    (PyTorch's OpenMP, ONNX Runtime's, OpenVINO's, the compiled kernels' OpenMP), and the first call after
+    another pool has run pays for waking its threads while the other pool's threads still spin."""
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -79,6 +83,8 @@ def time_interleaved(runners: dict[str, Callable], x: torch.Tensor, warmup: int,
         if r >= min_repeats and time.perf_counter() - start > budget_s:
             break
         for name in names[r % len(names):] + names[:r % len(names)]:
+            runners[name](x)
+            _sync(device)
             t0 = time.perf_counter()
             runners[name](x)
             _sync(device)

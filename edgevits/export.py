@@ -80,11 +80,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads.
+
+    ``spinning=False`` stops its worker threads from busy-waiting after each run (which lowers its own latency
+    a little but steals the cores from whatever runs next: the benchmark turns it off for fair interleaving)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: the optimiser warns about nodes it merely cannot constant-fold
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import average_linears, check_image_input, to_2tuple
+from ..layers import average_linears, check_image_input, fuse_bn_linear, to_2tuple
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,13 +32,14 @@ class ModelConfig:
 class ClassifierModel(nn.Module):
     """Base of every family.
 
-    A family defines ``forward_stages(x) -> list`` (the stage outputs as (B, C, H, W) maps),
-    ``forward_features(x)`` (the final normalised features), ``pool(features) -> (B, C)``, ``num_features``,
-    ``feature_info`` and ``stride`` (the input multiple it needs); the heads and the rest live here.
+    A family defines ``stem``, ``stages`` (the stage outputs are (B, C, H, W) maps), ``norm`` (the final norm, or
+    an Identity), ``num_features``, ``feature_info`` and ``stride`` (the input multiple it needs), and overrides
+    ``forward_features`` / ``pool`` where its features are not a normalised map; the heads and the rest live here.
     """
 
     family = ""
     stride = 32
+    channels_last = False  # deploy forms that run on channels-last maps set this on the instance
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -70,6 +71,25 @@ class ClassifierModel(nn.Module):
         check_image_input(x, self.config.in_chans, self.stride, self.model_name or type(self).__name__)
 
     # -- forward ---------------------------------------------------------------------------------------------
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage, as (B, C, H, W) maps (``features_only``)."""
+        x = self._stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output after the final norm (unpooled)."""
+        x = self._stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
 
@@ -93,7 +113,12 @@ class ClassifierModel(nn.Module):
 
     # -- deploy form -----------------------------------------------------------------------------------------
     def _fold_final_norm(self) -> None:
-        """Families whose final norm is a BN ahead of the pooled head fold it here (see fuse)."""
+        """Fold a final BatchNorm2d into the pooled head(s) (exact: the spatial mean commutes with it)."""
+        if isinstance(getattr(self, "norm", None), nn.BatchNorm2d):
+            self.head = fuse_bn_linear(self.norm, self.head)
+            if self.head_dist is not None:
+                self.head_dist = fuse_bn_linear(self.norm, self.head_dist)
+            self.norm = nn.Identity()
 
     def fuse(self) -> "ClassifierModel":
         """Deploy form (called by ``edgevits.fuse_model`` after the children are fused): the final BN folds into

@@ -240,7 +240,6 @@ class EfficientFormer(ClassifierModel):
         self.stages = nn.ModuleList(stages)
         self.num_features = dims[-1]
         self.norm = nn.LayerNorm(dims[-1])
-        self.channels_last = False  # the deploy form runs on channels-last memory (see fuse)
         self._init_heads()
         self._init_weights()
 
@@ -254,20 +253,8 @@ class EfficientFormer(ClassifierModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
+        x = self._stem(x)
         for stage in self.stages:
             x = stage(x)
         return self.norm(x.flatten(2).transpose(1, 2))  # (B, N, C)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import ConvNorm, DropPath, LayerScale, fuse_bn_linear, scale_output_, to_2tuple
+from ..layers import ConvNorm, DropPath, LayerScale, scale_output_, to_2tuple
 from ..layers.attention.attention4d import Attention4D, Attention4DDownsample
 from ..layers.onednn import FusedConv
 from ..registry import register_model
@@ -180,7 +180,6 @@ class EfficientFormerV2(ClassifierModel):
         self.stages = nn.ModuleList(stages)
         self.num_features = dims[-1]
         self.norm = nn.BatchNorm2d(dims[-1])
-        self.channels_last = False  # the deploy form runs on channels-last maps (see fuse)
         self._init_heads()
         self._init_weights()
 
@@ -191,20 +190,6 @@ class EfficientFormerV2(ClassifierModel):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.norm(x)
 
     def fuse(self) -> "EfficientFormerV2":
         """Deploy form (after the children are fused): heads merged, and the model switched to channels-last
@@ -217,13 +202,6 @@ class EfficientFormerV2(ClassifierModel):
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
         return self
-
-    def _fold_final_norm(self) -> None:
-        if isinstance(self.norm, nn.BatchNorm2d):
-            self.head = fuse_bn_linear(self.norm, self.head)
-            if self.head_dist is not None:
-                self.head_dist = fuse_bn_linear(self.norm, self.head_dist)
-            self.norm = nn.Identity()
 
 
 _RATIOS = {

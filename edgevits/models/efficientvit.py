@@ -314,6 +314,7 @@ class EfficientViT(ClassifierModel):
             start, prev = start + depth, dim
         self.stages = nn.ModuleList(stages)
         self.num_features = dims[-1]
+        self.norm = nn.Identity()  # no final norm: the head's BN1d normalises
         self._init_heads()
 
     def _make_head(self, num_classes: int) -> nn.Module:
@@ -323,20 +324,6 @@ class EfficientViT(ClassifierModel):
         nn.init.trunc_normal_(head.linear.weight, std=0.02)
         nn.init.zeros_(head.linear.bias)
         return head
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, 1).flatten(1)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import (AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, fuse_bn_linear,
-                      scale_output_)
+from ..layers import AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, scale_output_
 from ..layers.onednn import FusedLinear
 from ..layers.attention import REGISTRY as ATTENTIONS
 from ..registry import register_model
@@ -185,20 +184,6 @@ class SwiftFormer(ClassifierModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.norm(x)
-
     @torch.no_grad()
     def fuse(self) -> "SwiftFormer":
         """Deploy form: the common folding, plus channels-last weights for the stem and the downsamplers (the
@@ -206,14 +191,8 @@ class SwiftFormer(ClassifierModel):
         super().fuse()
         for module in [self.stem, *(stage.downsample for stage in self.stages)]:
             _channels_last_conv(module)
+        self.channels_last = True
         return self
-
-    def _fold_final_norm(self) -> None:
-        if isinstance(self.norm, nn.BatchNorm2d):
-            self.head = fuse_bn_linear(self.norm, self.head)
-            if self.head_dist is not None:
-                self.head_dist = fuse_bn_linear(self.norm, self.head_dist)
-            self.norm = nn.Identity()
 
 
 def _variant(name, dims, depths, params_m, gmacs, top1, latency_ms):

@@ -30,8 +30,12 @@ def _eager(model: nn.Module, channels_last: bool) -> Runner:
 
 
 def _compiled(model: nn.Module, example: torch.Tensor) -> Runner:
+    import torch._dynamo
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True  # constant-fold weights into the graph (inference only)
+    # Every edgevits model shares ClassifierModel.forward: each model and batch size is one more cache entry for
+    # that code object, and past the limit dynamo silently falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     compiled = torch.compile(model, backend="inductor", dynamic=False)
     with torch.no_grad(), _quiet():
         compiled(example)  # compile now, not inside the timed region

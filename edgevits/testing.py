@@ -108,6 +108,24 @@ def calibrate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
+def calibrated(model: nn.Module, seed: int = 0, batches: int = 2, batch_size: int = 2,
+               size: int | tuple[int, int] = 224) -> nn.Module:
+    """``randomize_`` then ``calibrate_bn`` on seeded random images: the standard set-up of a parity check.
+    Returns the model in eval mode."""
+    h, w = (size, size) if isinstance(size, int) else size
+    g = torch.Generator().manual_seed(seed)
+    randomize_(model, seed)
+    return calibrate_bn(model, [torch.randn(batch_size, 3, h, w, generator=g) for _ in range(batches)])
+
+
+def assert_parity(out: torch.Tensor, ref: torch.Tensor, logits_tol: float = 1e-5, centred_tol: float = 1e-4) -> None:
+    """Assert that ``out`` equals ``ref`` (relative error of the logits and of their input-dependent part), and
+    that the comparison can see anything: the reference logits must depend on the input."""
+    logits, centred = parity(out, ref)
+    assert logits <= logits_tol and centred <= centred_tol, (logits, centred)
+    assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "logits do not depend on the input"
+
+
 def logits_of(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         out = out[0] if len(out) == 1 else out

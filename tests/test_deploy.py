@@ -10,7 +10,7 @@ import edgevits
 from edgevits.bench import BenchSpec, run_bench, write_outputs
 from edgevits.cli import main
 from edgevits.export import ExportError, check_onnx, export_onnx, onnx_session
-from edgevits.testing import calibrate_bn, randomize_
+from edgevits.testing import calibrated
 
 
 def _smallest_per_family():
@@ -24,8 +24,7 @@ def _smallest_per_family():
 
 
 def _calibrated(name):
-    model = randomize_(edgevits.create_model(name))
-    return calibrate_bn(model, [torch.randn(4, 3, 224, 224)])
+    return calibrated(edgevits.create_model(name), batches=1, batch_size=4)
 
 
 @pytest.mark.parametrize("name", _smallest_per_family())

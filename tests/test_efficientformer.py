@@ -8,29 +8,17 @@ import torch
 import edgevits
 from edgevits import CheckpointError
 from edgevits.layers.attention.mhsa import MHSA
-from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+from edgevits.testing import assert_parity, calibrated, import_timm
 
 VARIANTS = ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
 
 
-def _calibrated(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    randomize_(model, seed)  # weights, BN affines, layer scales and the bias tables
-    return calibrate_bn(model, [torch.randn(2, 3, 224, 224, generator=g) for _ in range(2)])
-
-
-def _assert_parity(out, ref):
-    logits, centred = parity(out, ref)
-    assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)
-    assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "logits do not depend on the input"
-
-
 def _timm_reference(name):
-    return _calibrated(import_timm().create_model(name))
+    return calibrated(import_timm().create_model(name))
 
 
 def _random_model(name="efficientformer_l1", **kw):
-    return _calibrated(edgevits.create_model(name, **kw))
+    return calibrated(edgevits.create_model(name, **kw))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -39,7 +27,7 @@ def test_timm_weights_give_timm_outputs(name):
     ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def _to_official(timm_sd):
@@ -66,7 +54,7 @@ def test_official_checkpoint_file_loads_and_matches(tmp_path):
     ours = edgevits.create_model("efficientformer_l1", checkpoint=path).eval()
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
     report = edgevits.load_checkpoint(ours, path)
     assert report["source"] == "official" and not report["missing"]
 
@@ -105,7 +93,7 @@ def test_bias_is_never_stale_after_in_place_updates():
         fresh = edgevits.create_model("efficientformer_l1", checkpoint=model.state_dict()).eval()
         assert torch.equal(model(x), fresh(x))
         # load_state_dict after eval() is honoured too
-        other = _calibrated(edgevits.create_model("efficientformer_l1"), seed=1).state_dict()
+        other = calibrated(edgevits.create_model("efficientformer_l1"), seed=1).state_dict()
         model.load_state_dict(other)
         assert torch.equal(model(x), edgevits.create_model("efficientformer_l1", checkpoint=other).eval()(x))
 

@@ -9,25 +9,13 @@ import torch.nn.functional as F
 import edgevits
 from edgevits.layers.attention.cascaded import (CascadedGroupAttention, FusedCascadedGroupAttention,
                                                 LocalWindowAttention, dw_matrix)
-from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+from edgevits.testing import assert_parity, calibrate_bn, calibrated, import_timm, parity, randomize_
 
 VARIANTS = [f"efficientvit_m{i}" for i in range(6)]
 
 
-def _calibrated(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    randomize_(model, seed)  # biases, norm affines and the attention-bias tables all random
-    return calibrate_bn(model, [torch.randn(4, 3, 224, 224, generator=g)])
-
-
-def _assert_parity(out, ref):
-    logits, centred = parity(out, ref)
-    assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)
-    assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "logits do not depend on the input"
-
-
 def _timm_reference(name, **kwargs):
-    return _calibrated(import_timm().create_model(name, **kwargs))
+    return calibrated(import_timm().create_model(name, **kwargs))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -37,7 +25,7 @@ def test_timm_weights_give_timm_outputs(name):
     assert not ours.config.distillation
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def test_window_padding_matches_timm_at_256():
@@ -46,7 +34,7 @@ def test_window_padding_matches_timm_at_256():
     ours = edgevits.create_model("efficientvit_m0", checkpoint=ref.state_dict()).eval()
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def _to_official(timm_sd, flat_se=()):
@@ -86,7 +74,7 @@ def test_official_release_file_loads_and_matches(name, tmp_path):
     ours = edgevits.create_model(name, checkpoint=path).eval()
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def test_official_file_with_a_distillation_head_builds_one_and_averages_it():
@@ -109,7 +97,7 @@ def test_official_file_with_a_distillation_head_builds_one_and_averages_it():
 
 
 def test_bias_tables_are_never_stale():
-    model = _calibrated(edgevits.create_model("efficientvit_m0"))
+    model = calibrated(edgevits.create_model("efficientvit_m0"))
     x = torch.randn(2, 3, 224, 224)
     big = torch.randn(1, 3, 384, 384)  # stage 3 is 6x6 there: its 4x4 tables are resized on the fly
     with torch.no_grad():
@@ -127,7 +115,7 @@ def test_bias_tables_are_never_stale():
 @pytest.mark.parametrize("name", ["efficientvit_m0", "efficientvit_m1"])
 def test_deploy_form_equals_the_eval_form_at_any_size(name):
     # in float64, so that the comparison checks the algebra (folding, cascade, windows) rather than fp32 rounding
-    model = _calibrated(edgevits.create_model(name)).double()
+    model = calibrated(edgevits.create_model(name)).double()
     fused = edgevits.fuse_model(model)
     assert any(isinstance(m, FusedCascadedGroupAttention) for m in fused.modules())
     assert not [m for m in fused.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -140,7 +128,7 @@ def test_deploy_form_equals_the_eval_form_at_any_size(name):
 
 
 def test_deploy_form_in_float32_is_within_rounding():
-    model = _calibrated(edgevits.create_model("efficientvit_m2"))
+    model = calibrated(edgevits.create_model("efficientvit_m2"))
     fused = edgevits.fuse_model(model)
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():

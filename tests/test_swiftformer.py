@@ -6,26 +6,14 @@ import pytest
 import torch
 
 import edgevits
-from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+from edgevits.testing import assert_parity, calibrated, import_timm
 
 VARIANTS = ["swiftformer_xs", "swiftformer_s", "swiftformer_l1", "swiftformer_l3"]
 
 
-def _calibrated(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    randomize_(model, seed)
-    return calibrate_bn(model, [torch.randn(4, 3, 224, 224, generator=g) for _ in range(2)])
-
-
-def _assert_parity(out, ref):
-    logits, centred = parity(out, ref)
-    assert logits <= 1e-5 and centred <= 1e-4, (logits, centred)
-    assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "logits do not depend on the input"
-
-
 def _timm_reference(name):
     timm = import_timm()
-    return _calibrated(timm.create_model(name))
+    return calibrated(timm.create_model(name))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -34,7 +22,7 @@ def test_timm_weights_give_timm_outputs(name):
     ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def _to_official(timm_sd):
@@ -60,14 +48,14 @@ def test_official_checkpoint_file_loads_and_matches(tmp_path):
     ours = edgevits.create_model("swiftformer_xs", checkpoint=path).eval()
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def _hf_reference(dims, depths):
     from transformers import SwiftFormerConfig, SwiftFormerForImageClassification
     hf = SwiftFormerForImageClassification(SwiftFormerConfig(embed_dims=list(dims), depths=list(depths),
                                                              num_labels=1000))
-    return _calibrated(hf)
+    return calibrated(hf)
 
 
 @pytest.mark.parametrize("name", ["swiftformer_xs", "swiftformer_l1"])
@@ -78,7 +66,7 @@ def test_hugging_face_weights_select_the_legacy_revision_and_match(name):
     assert ours.config.attention_revision == "legacy"
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():
-        _assert_parity(ours(x), hf(x).logits)
+        assert_parity(ours(x), hf(x).logits)
 
 
 def test_the_two_revisions_differ_and_a_mismatch_is_refused():
@@ -94,7 +82,7 @@ def test_the_two_revisions_differ_and_a_mismatch_is_refused():
 
 
 def test_legacy_revision_ignores_w_g():
-    model = _calibrated(edgevits.create_model("swiftformer_xs", attention_revision="legacy"))
+    model = calibrated(edgevits.create_model("swiftformer_xs", attention_revision="legacy"))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         before = model(x)
@@ -109,7 +97,7 @@ def test_any_size_divisible_by_32_matches_timm():
     ours = edgevits.create_model("swiftformer_xs", checkpoint=ref.state_dict()).eval()
     x = torch.randn(2, 3, 160, 288)
     with torch.no_grad():
-        _assert_parity(ours(x), ref(x))
+        assert_parity(ours(x), ref(x))
 
 
 def test_reset_classifier_works_where_timm_crashes():

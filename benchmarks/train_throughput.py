@@ -1,9 +1,10 @@
 """Training throughput (img/s) of edgevits' swiftformer_xs against timm's swiftformer_xs in the same loop.
 
-The loop is edgevits' training step: soft-target loss over both heads (mixup-style targets), backward, gradient
-clipping, AdamW with the recipe's parameter groups, EMA update. Both models return (cls, dist) in training (timm's
-with ``set_distilled_training(True)``). Steps are interleaved (ours, timm, ours, timm, ...) and the medians of
-per-step times are compared (the order alternates between rounds), so a noisy shared machine affects both alike.
+The loop is edgevits' training step: soft-target loss over both heads (mixup-style targets), backward, the
+recipe's gradient clipping (adaptive by default), AdamW with its parameter groups, EMA update. Both models return
+(cls, dist) in training (timm's with ``set_distilled_training(True)``). Steps are interleaved (ours, timm, ours,
+timm, ...) and the medians of per-step times are compared (the order alternates between rounds), so a noisy
+shared machine affects both alike.
 
     python benchmarks/train_throughput.py --img-size 224 --batch-size 32 --rounds 12 --threads 1
 """
@@ -20,8 +21,12 @@ import edgevits
 from edgevits.testing import import_timm
 from edgevits.train.data import Mixer
 from edgevits.train.ema import ModelEma
-from edgevits.train.engine import param_groups
+from edgevits.train.config import TrainConfig
+from edgevits.train.engine import clip_gradients, param_groups
 from edgevits.train.losses import DistillationLoss
+
+
+RECIPE = TrainConfig(data=".", model="swiftformer_xs")  # the defaults of edgevits train
 
 
 def make_step(model, batch: int, size: int, seed: int = 0):
@@ -39,7 +44,7 @@ def make_step(model, batch: int, size: int, seed: int = 0):
         loss = loss_fn(xm, model(xm), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        clip_gradients(model.parameters(), RECIPE.clip_grad, RECIPE.clip_mode)  # as edgevits train does
         opt.step()
         ema.update(model)
         return time.perf_counter() - t

@@ -12,11 +12,28 @@ from torch import nn
 from .export import _quiet, export_onnx, onnx_session, openvino_compiled
 
 BACKENDS = ("eager", "eager_cl", "compile", "onnxruntime", "openvino")
+GRAPH_BACKENDS = ("onnxruntime", "openvino")  # run an exported graph: CPU float32 models only
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here (missing package, unsupported device or dtype)."""
+
+
+def describe_error(e: BaseException) -> str:
+    """One line naming an exception for a report: ``"TypeError: <first line of its message, 200 chars at most>"``."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines and lines[0] else type(e).__name__
+
+
+def _to_numpy(x: torch.Tensor):
+    """``x`` as the CPU float32 array the exported graphs take, from any device, dtype or autograd state."""
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _from_numpy(out, like: torch.Tensor) -> torch.Tensor:
+    """A graph's output as a tensor on ``like``'s device and in its dtype."""
+    return torch.from_numpy(out).to(like.device, like.dtype)
 
 
 def _eager(model: nn.Module, channels_last: bool) -> Runner:
@@ -56,7 +73,7 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, w
     session = onnx_session(path, threads, spinning=False)  # no busy-waiting into the next timed run
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        return _from_numpy(session.run(None, {"x": _to_numpy(x)})[0], x)
     return run
 
 
@@ -72,7 +89,7 @@ def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, work
     request = compiled.create_infer_request()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(request.infer([x.numpy()])[0].copy())
+        return _from_numpy(request.infer([_to_numpy(x)])[0].copy(), x)
     return run
 
 
@@ -82,13 +99,16 @@ def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: 
 
     ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends; the exporters fuse it
     when ``fuse`` is true (pass ``fuse=False`` for foreign models such as timm's). ``example`` fixes device, dtype
-    and image size (ONNX/OpenVINO graphs keep a dynamic batch axis). Raises ``BackendUnavailable``.
+    and image size (ONNX/OpenVINO graphs keep a dynamic batch axis); ONNX Runtime and OpenVINO take CPU float32
+    models only, and their runners convert any input to CPU float32 and return logits on the input's device and in
+    its dtype. Raises ``BackendUnavailable``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     model = model.eval()
-    if backend in ("onnxruntime", "openvino") and (example.device.type != "cpu" or example.dtype != torch.float32):
-        raise BackendUnavailable(f"{backend} runs here on CPU in float32 only")
+    if backend in GRAPH_BACKENDS and (example.device.type != "cpu" or example.dtype != torch.float32):
+        raise BackendUnavailable(f"{backend} runs here on CPU in float32 only (not {example.device.type} "
+                                 f"{str(example.dtype).removeprefix('torch.')})")
     if backend == "eager":
         return _eager(model, channels_last=False)
     if backend == "eager_cl":

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .backends import BACKENDS, BackendUnavailable, make_runner
+from .backends import BACKENDS, BackendUnavailable, describe_error, make_runner
 from .flops import count_macs, count_params
 from .fuse import fuse_model
 from .registry import create_model, get_entry, list_models
@@ -45,65 +45,104 @@ class BenchSpec:
     compare: str | None = None  # "timm": the same variants from timm, same weights, interleaved
 
 
-def measure_peak_gflops(threads: int | None = None, n: int = 2048, repeats: int = 8) -> float:
-    """This machine's float32 matrix-multiply rate (GFLOP/s, best of ``repeats``): the compute ceiling the models
-    are judged against. The benchmark measures it before and after its run and keeps the higher figure."""
+def measure_peak_gflops(threads: int | None = None, n: int | None = None, repeats: int = 8, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, budget_s: float = 2.0) -> float | None:
+    """This machine's matrix-multiply rate (GFLOP/s, best of ``repeats``, fewer once ``budget_s`` is spent) for an
+    ``n`` x ``n`` matmul in ``dtype`` on ``device`` (``n``: 2048 on CPU, 8192 on a GPU): the compute ceiling the
+    models are judged against. None where such a matmul cannot run there. The benchmark measures it before and
+    after its run and keeps the higher figure."""
     if threads:
         torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    best = math.inf
-    for _ in range(repeats):
+    n = n or (2048 if device == "cpu" else 8192)
+    try:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+    except RuntimeError:  # no matmul kernel for this dtype on this device (or no memory for it)
+        return None
+    best, start = math.inf, time.perf_counter()
+    for i in range(repeats):
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_interleaved(runners: dict[str, Callable], x: torch.Tensor, warmup: int, repeats: int,
-                     min_repeats: int, budget_s: float, device: str = "cpu") -> dict[str, list[float]]:
+                     min_repeats: int, budget_s: float, device: str = "cpu",
+                     ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Seconds per call for each runner, measured round-robin (the order rotates every round).
 
     Each timed call is preceded by one untimed call of the same runner: backends keep their own thread pools
     (PyTorch's OpenMP, ONNX Runtime's, OpenVINO's, the compiled kernels' OpenMP), and the first call after
-    another pool has run pays for waking its threads while the other pool's threads still spin."""
+    another pool has run pays for waking its threads while the other pool's threads still spin.
+
+    A runner that raises (in warm-up or timing) is dropped from the rotation and the others carry on. Returns
+    ``(times, errors)``: ``times[name]`` for the runners that never failed, ``errors[name]`` (``describe_error``)
+    for those that did."""
     names = list(runners)
-    for name in names:
-        for _ in range(warmup):
-            runners[name](x)
-    _sync(device)
-    times = {n: [] for n in names}
-    start = time.perf_counter()
-    for r in range(repeats):
-        if r >= min_repeats and time.perf_counter() - start > budget_s:
-            break
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            runners[name](x)
-            _sync(device)
+    errors: dict[str, str] = {}
+
+    def call(name: str) -> float | None:
+        """Seconds for one call of ``name``; None (and ``name`` dropped) if it raised."""
+        try:
             t0 = time.perf_counter()
             runners[name](x)
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+            return time.perf_counter() - t0
+        except Exception as e:  # one runner failing must not end the measurement of the others
+            errors[name] = describe_error(e)
+            names.remove(name)
+            return None
+
+    for name in list(names):
+        for _ in range(warmup):
+            if call(name) is None:
+                break
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        if not names or r >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if call(name) is not None:
+                dt = call(name)
+                if dt is not None:
+                    times[name].append(dt)
+    return {n: t for n, t in times.items() if n not in errors}, errors
 
 
-def _timm_twin(name: str):
-    """timm's implementation of ``name`` carrying ``model``'s weights (ours are loaded from timm's state dict)."""
+def _timm_twin(name: str, img_size: int = 224):
+    """timm's implementation of ``name`` built for ``img_size`` (random weights, calibrated BatchNorm) and ours
+    built for the same size carrying the same weights (loaded from timm's state dict). Raises
+    ``BackendUnavailable`` where timm has no counterpart or its model cannot run at that size."""
     from .testing import calibrate_bn, import_timm, randomize_
     entry = get_entry(name)
     if not entry.timm_name:
         raise BackendUnavailable(f"{name} has no timm counterpart")
     timm = import_timm()
-    ref = timm.create_model(entry.timm_name)
-    randomize_(ref)
-    calibrate_bn(ref, [torch.randn(2, 3, 224, 224)])
-    ours = create_model(name, checkpoint=ref.state_dict()).eval()
+    try:  # efficientformerv2/efficientvit_msra size their bias tables from img_size; swiftformer ignores it
+        ref = timm.create_model(entry.timm_name, img_size=img_size)
+        randomize_(ref)
+        calibrate_bn(ref, [torch.randn(2, 3, img_size, img_size)])
+    except Exception as e:  # timm's efficientformer (V1) fixes its attention bias at 224x224
+        raise BackendUnavailable(f"timm's {entry.timm_name} cannot run at {img_size}x{img_size} "
+                                 f"({describe_error(e)})") from e
+    try:
+        ours = create_model(name, checkpoint=ref.state_dict(), img_size=img_size).eval()
+    except ValueError as e:  # a size our config rejects (EfficientFormer: a multiple of 32)
+        raise BackendUnavailable(f"{name} cannot be built for {img_size}x{img_size} to carry timm's weights "
+                                 f"({describe_error(e)})") from e
     return ref.eval(), ours
 
 
@@ -114,19 +153,49 @@ def _percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every model of ``spec``; returns ``{"machine": {...}, "records": [...]}`` (one record per model,
-    source, backend and batch size). ``progress(message)`` is called before each step."""
-    names = spec.models or list_models()
-    for name in names:
-        get_entry(name)  # unknown names fail before any work
+def check_spec(spec: BenchSpec) -> None:
+    """Fail before any work on what ``spec`` cannot do: unknown model, backend or dtype (``KeyError`` /
+    ``ValueError``), a CUDA device without CUDA (``ValueError``), ``compare="timm"`` without timm (``ImportError``)."""
+    for name in spec.models:
+        get_entry(name)
     for b in spec.backends:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {spec.dtype!r}; choose from {', '.join(DTYPES)}")
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {spec.device!r} asked for, but CUDA is not available here")
+    if spec.compare not in (None, "timm"):
+        raise ValueError(f"unknown compare {spec.compare!r}; the only one is 'timm'")
+    if spec.compare == "timm":
+        from .testing import import_timm
+        try:
+            import_timm()
+        except ImportError as e:
+            raise ImportError(f"comparing with timm needs timm, which is not installed here ({e}); "
+                              "install it with: pip install timm --no-deps") from e
+
+
+# Record columns in CSV order; keys a record has beyond these follow, sorted. ``status``: "ok" (timed),
+# "skipped" (the backend or timm twin cannot run here, ``note`` says why) or "failed" (``note``: the error).
+COLUMNS = ("model", "family", "source", "backend", "batch", "img_size", "threads", "device", "dtype", "status",
+           "note", "params_m", "gmacs", "top1", "median_ms", "p10_ms", "p90_ms", "runs", "img_per_s",
+           "gflops_per_s", "peak_fraction", "timm_over_ours", "best_timm_over_ours")
+
+
+def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every model of ``spec``; returns ``{"machine": {...}, "records": [...]}`` (one record per model,
+    source, backend and batch size). ``progress(message)`` is called before each step.
+
+    A backend that cannot be built, or a runner that raises while being timed, is recorded (``status``
+    "skipped"/"failed" with the reason in ``note``) and the run goes on without it. ``peak_fraction`` is against a
+    matmul in the bench's own dtype on its own device (None where that cannot be measured)."""
+    check_spec(spec)
+    names = spec.models or list_models()
     if spec.threads:
         torch.set_num_threads(spec.threads)
     dtype = DTYPES[spec.dtype]
-    peak = measure_peak_gflops(spec.threads) if spec.device == "cpu" else None
+    peak = measure_peak_gflops(spec.threads, device=spec.device, dtype=dtype)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": spec.device,
                "dtype": spec.dtype, "peak_gflops_measured": peak}
@@ -136,54 +205,64 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
             entry = get_entry(name)
             if progress:
                 progress(f"{name}: building")
+            runners, notes = {}, {}  # notes[(source, backend)] = (status, why)
+            timm_model, model = None, None
             if spec.compare == "timm":
-                timm_model, model = _timm_twin(name)
-            else:
-                timm_model, model = None, create_model(name).eval()
+                try:
+                    timm_model, model = _timm_twin(name, spec.img_size)
+                except BackendUnavailable as e:
+                    notes.update({("timm", b): ("skipped", str(e)) for b in spec.backends})
+            if model is None:
+                model = create_model(name).eval()
             params = count_params(model)
             macs = count_macs(model, spec.img_size)
             deployed = fuse_model(model).to(spec.device, dtype)
             example = torch.randn(2, 3, spec.img_size, spec.img_size, device=spec.device, dtype=dtype)
-            runners, notes = {}, {}
-            candidates = [("edgevits", b, deployed, True) for b in spec.backends]
-            if timm_model is not None:
-                timm_model = timm_model.to(spec.device, dtype)
-                candidates += [("timm", b, timm_model, False) for b in spec.backends]
-            for source, backend, net, fuse in candidates:
-                if progress:
-                    progress(f"{name}: preparing {source} {backend}")
-                try:
-                    runners[(source, backend)] = make_runner(net, backend, example, spec.threads,
-                                                             Path(tmp) / f"{name}-{source}-{backend}", fuse=fuse)
-                except BackendUnavailable as e:
-                    notes[(source, backend)] = str(e)
-                except Exception as e:  # a backend that fails on one model must not end the run
-                    notes[(source, backend)] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            sources = ["edgevits"] + (["timm"] if spec.compare == "timm" else [])
+            nets = {"edgevits": deployed, "timm": timm_model.to(spec.device, dtype) if timm_model else None}
+            for source in sources:
+                for backend in spec.backends:
+                    if nets[source] is None:
+                        continue
+                    if progress:
+                        progress(f"{name}: preparing {source} {backend}")
+                    try:
+                        runners[(source, backend)] = make_runner(nets[source], backend, example, spec.threads,
+                                                                 Path(tmp) / f"{name}-{source}-{backend}",
+                                                                 fuse=source == "edgevits")
+                    except BackendUnavailable as e:
+                        notes[(source, backend)] = ("skipped", str(e))
+                    except Exception as e:  # a backend that fails on one model must not end the run
+                        notes[(source, backend)] = ("failed", describe_error(e))
             for batch in spec.batch_sizes:
                 if progress:
                     progress(f"{name}: timing batch {batch}")
                 x = torch.randn(batch, 3, spec.img_size, spec.img_size, device=spec.device, dtype=dtype)
-                times = time_interleaved({f"{s}/{b}": fn for (s, b), fn in runners.items()}, x, spec.warmup,
-                                         spec.repeats, spec.min_repeats, spec.budget_s, spec.device)
-                for (source, backend) in [(s, b) for s, b, _, _ in candidates]:
-                    rec = dict(model=name, family=entry.family, source=source, backend=backend, batch=batch,
-                               img_size=spec.img_size, threads=machine["threads"], device=spec.device,
-                               dtype=spec.dtype, params_m=round(params / 1e6, 3), gmacs=round(macs / 1e9, 4),
-                               top1=entry.published.get("top1"))
-                    ts = times.get(f"{source}/{backend}")
-                    if not ts:
-                        rec["note"] = notes.get((source, backend), "not run")
+                times, errors = time_interleaved({f"{s}/{b}": fn for (s, b), fn in runners.items()}, x,
+                                                 spec.warmup, spec.repeats, spec.min_repeats, spec.budget_s,
+                                                 spec.device)
+                for source in sources:
+                    for backend in spec.backends:
+                        rec = dict(model=name, family=entry.family, source=source, backend=backend, batch=batch,
+                                   img_size=spec.img_size, threads=machine["threads"], device=spec.device,
+                                   dtype=spec.dtype, params_m=round(params / 1e6, 3), gmacs=round(macs / 1e9, 4),
+                                   top1=entry.published.get("top1"))
+                        key = f"{source}/{backend}"
+                        ts = times.get(key)
+                        if not ts:
+                            status, why = (("failed", errors[key]) if key in errors
+                                           else notes.get((source, backend), ("skipped", "not timed")))
+                            records.append({**rec, "status": status, "note": why})
+                            continue
+                        med = statistics.median(ts)
+                        gflops = 2 * macs * batch / med / 1e9
+                        rec.update(status="ok", median_ms=med * 1e3, p10_ms=_percentile(ts, 0.1) * 1e3,
+                                   p90_ms=_percentile(ts, 0.9) * 1e3, runs=len(ts), img_per_s=batch / med,
+                                   gflops_per_s=gflops, peak_fraction=gflops / peak if peak else None)
                         records.append(rec)
-                        continue
-                    med = statistics.median(ts)
-                    gflops = 2 * macs * batch / med / 1e9
-                    rec.update(median_ms=med * 1e3, p10_ms=_percentile(ts, 0.1) * 1e3,
-                               p90_ms=_percentile(ts, 0.9) * 1e3, runs=len(ts), img_per_s=batch / med,
-                               gflops_per_s=gflops, peak_fraction=gflops / peak if peak else None)
-                    records.append(rec)
                 _add_ratios(records, name, batch)
     if peak:
-        peak = max(peak, measure_peak_gflops(spec.threads))
+        peak = max(peak, measure_peak_gflops(spec.threads, device=spec.device, dtype=dtype) or 0)
         machine["peak_gflops_measured"] = peak
         for rec in records:
             if rec.get("gflops_per_s"):
@@ -245,8 +324,8 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict[str, Path]:
     result = {**result, "summary": summary(result)}
     paths = {"json": out / "bench.json", "csv": out / "bench.csv", "png": out / "latency_vs_top1.png"}
     paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    cols = sorted({k for r in result["records"] for k in r}, key=lambda k: list(result["records"][0]).index(k)
-                  if k in result["records"][0] else 100)
+    extra = sorted({k for r in result["records"] for k in r} - set(COLUMNS))
+    cols = [*COLUMNS, *extra]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()

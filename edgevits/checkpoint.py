@@ -76,9 +76,56 @@ def config_hints(entry, sd: StateDict, meta: dict) -> dict:
         raise CheckpointError(f"checkpoint was saved from {meta['model']!r}, not {entry.name!r}")
     if meta.get("config"):
         valid = {f.name for f in dataclasses.fields(entry.config)}
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items() if k in valid}
+        return {k: _as_tuples(v) for k, v in meta["config"].items() if k in valid}
     source = detect_source(entry.family, sd)
     return source.hints(sd) if source else {}
+
+
+# Config fields that may differ between a checkpoint's saved config and the model loading it: they change no
+# output of the trained weights (training-only settings, the head, which the shape check covers, and the training
+# resolution, to which bias tables are resized).
+_FREE_FIELDS = {"num_classes", "distillation", "img_size", "drop_rate", "drop_path_rate", "features_only",
+                "layer_scale_init"}
+
+
+def _check_settings(model: nn.Module, sd: StateDict, meta: dict) -> None:
+    """Refuse a checkpoint made for other settings that change outputs without changing any shape (SwiftFormer's
+    attention revision, V1's pool size...): from an edgevits file's saved config, or what a foreign file's keys
+    imply (a Hugging Face SwiftFormer is the legacy revision)."""
+    config = getattr(model, "config", None)
+    if not dataclasses.is_dataclass(config):
+        return
+    saved = dict(meta.get("config") or {})
+    source = detect_source(getattr(model, "family", ""), sd)
+    implied = {**(source.hints(sd) if source else {}), **saved}
+    for f in dataclasses.fields(config):
+        if f.name in _FREE_FIELDS or f.name not in implied:
+            continue
+        want, have = implied[f.name], getattr(config, f.name)
+        want = _as_tuples(want) if isinstance(want, list) else want
+        if want != have:
+            raise CheckpointError(
+                f"checkpoint was made with {f.name}={want!r} but the model was built with {have!r}; build it with "
+                f"create_model(..., {f.name}={want!r}) or pass the checkpoint to create_model, which does so")
+
+
+def _as_tuples(value):
+    """JSON turns the config's tuples into lists; turn them back (nested too) for comparison."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _drop_absent_head(model: nn.Module, sd: StateDict, own: StateDict) -> list[str]:
+    """Remove from ``sd`` (in place) the classifier weights of a model built without a classifier and, for a
+    ``features_only`` backbone, the final norm's; returns the keys removed."""
+    prefixes = []
+    if getattr(model, "num_classes", None) == 0:
+        prefixes += ["head.", "head_dist."]
+    if getattr(getattr(model, "config", None), "features_only", False):
+        prefixes.append("norm.")
+    ignored = [k for k in sd if k not in own and k.startswith(tuple(prefixes))] if prefixes else []
+    for k in ignored:
+        del sd[k]
+    return ignored
 
 
 def convert_state_dict(model: nn.Module, sd: StateDict) -> tuple[StateDict, str]:
@@ -97,24 +144,19 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: boo
 
     Attention-bias tables stored at another resolution are resized to the model's. Raises ``CheckpointError``
     listing missing keys, unexpected keys and shape clashes (all of them, not just the first). Returns a report
-    ``{"source": ..., "resized": [...], "missing": [...], "unexpected": [...]}``.
+    ``{"source": ..., "resized": [...], "missing": [...], "unexpected": [...], "ignored": [...]}``. A model
+    without a classifier (``num_classes=0``) or a ``features_only`` backbone takes a classification checkpoint:
+    the head (and, for a backbone, the final norm) weights it has no place for are ignored and listed.
     """
     sd, meta = read_checkpoint(src)
     name = getattr(model, "model_name", "")
     if meta.get("model") and name and meta["model"] != name:
         raise CheckpointError(f"checkpoint was saved from {meta['model']!r}, but the model is {name!r}")
-    implied = detect_source(getattr(model, "family", ""), sd)
-    implied = implied.hints(sd) if implied else {}
-    config = getattr(model, "config", None)
-    for field_name in ("attention_revision",):  # settings that change outputs without changing any shape
-        want, have = implied.get(field_name), getattr(config, field_name, None)
-        if want is not None and have is not None and want != have:
-            raise CheckpointError(
-                f"checkpoint implies {field_name}={want!r} but the model was built with {have!r}; build it with "
-                f"create_model(..., {field_name}={want!r}) or pass the checkpoint to create_model, which does so")
+    _check_settings(model, sd, meta)
     sd, source = convert_state_dict(model, sd)
     resized = adapt_bias_tables(model, sd)
     own = model.state_dict()
+    ignored = _drop_absent_head(model, sd, own)
     missing = [k for k in own if k not in sd]  # in model order, so the first lines point at the first layers
     unexpected = [k for k in sd if k not in own]
     clashes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -130,7 +172,7 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: boo
                          "variant it was saved from)")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(sd, strict=strict)
-    return {"source": source, "resized": resized, "missing": missing, "unexpected": unexpected}
+    return {"source": source, "resized": resized, "missing": missing, "unexpected": unexpected, "ignored": ignored}
 
 
 def _config_dict(model: nn.Module) -> dict:
@@ -143,8 +185,11 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is owner-only: give it the mode an ordinary open would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

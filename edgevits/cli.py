@@ -54,11 +54,16 @@ def _cmd_bench(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .bench import BenchSpec, run_bench, summary, write_outputs
+    from .bench import BenchSpec, check_spec, run_bench, summary, write_outputs
     from .registry import list_models
     spec = BenchSpec(models=list(args.models), img_size=args.img_size, batch_sizes=args.batch_sizes,
                      backends=args.backends, threads=args.threads, device=args.device, dtype=args.dtype,
                      warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, compare=args.compare)
+    try:
+        check_spec(spec)
+    except (KeyError, ValueError, ImportError) as e:
+        print(f"edgevits bench: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     console = Console(width=max(Console().width, 140))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -77,22 +82,25 @@ def _cmd_bench(args) -> int:
     m = result["machine"]
     peak = m["peak_gflops_measured"]
     title = (f"edgevits bench: {m['device']} {m['dtype']}, {m['threads']} threads, {spec.img_size}x{spec.img_size}"
-             + (f", measured matmul peak {peak:.0f} GFLOP/s" if peak else ""))
+             + (f", measured {m['dtype']} matmul peak {peak:.0f} GFLOP/s" if peak else ", matmul peak n/a"))
     table = Table(title=title)
     for col in ("model", "source", "backend", "batch", "median ms", "p10-p90 ms", "img/s", "GFLOP/s", "% peak",
                 "timm/ours"):
         table.add_column(col, justify="left" if col in ("model", "source", "backend") else "right", no_wrap=True)
     for r in result["records"]:
         if "median_ms" not in r:
-            table.add_row(r["model"], r["source"], r["backend"], str(r["batch"]), "-", r.get("note", ""),
-                          "", "", "", "")
+            table.add_row(r["model"], r["source"], r["backend"], str(r["batch"]), "-", r["status"], "", "", "", "")
             continue
         ratio = r.get("timm_over_ours")
         table.add_row(r["model"], r["source"], r["backend"], str(r["batch"]), f"{r['median_ms']:.2f}",
                       f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}", f"{r['img_per_s']:.1f}", f"{r['gflops_per_s']:.1f}",
-                      f"{100 * r['peak_fraction']:.0f}%" if r.get("peak_fraction") else "-",
+                      f"{100 * r['peak_fraction']:.0f}%" if r.get("peak_fraction") else "n/a",
                       f"{ratio:.2f}x" if ratio else "")
     console.print(table)
+    notes = {(r["status"], r["model"], r["source"], r["backend"], r["note"]) for r in result["records"]
+             if r["status"] != "ok"}  # once per runner, not per batch size
+    for status, model, source, backend, note in sorted(notes):
+        console.print(f"{status}: {model} {source}/{backend}: {note}", markup=False, highlight=False)
     for batch, s in summary(result).items():
         if s["models"]:
             parts = [f"{batch}, timm/ours, geometric mean over {s['models']} models:"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import BackendUnavailable, make_runner
+from .backends import BackendUnavailable, describe_error, make_runner
 from .fuse import fuse_model
 from .layers import to_2tuple
 
@@ -41,43 +41,67 @@ class Deployed:
         return f"Deployed(backend={self.backend!r}, img_size={self.img_size}, timings_ms={self.timings_ms})"
 
 
+# Default parity tolerance (max abs difference over max abs logit) per model dtype: the candidates run other
+# kernels than the reference (channels-last, fused graphs), which agree to about the dtype's rounding.
+PARITY_ATOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where ``model``'s weights live and their floating dtype (CPU float32 for a model without any)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
 def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, int] | None = None,
            batch_size: int = 1, threads: int | None = None, candidates: tuple[str, ...] = AUTO_CANDIDATES,
-           atol: float = 1e-4, repeats: int = 10, workdir: str | Path | None = None) -> Deployed:
+           atol: float | None = None, repeats: int = 10, workdir: str | Path | None = None) -> Deployed:
     """Return a callable running ``model``'s deploy form on the fastest backend verified on this machine.
 
     With ``backend="auto"`` every candidate that can run here is built, checked against the PyTorch deploy form on
-    a random batch (relative error <= ``atol``, else rejected), and timed at ``batch_size`` (interleaved); the
-    fastest wins. A named backend is built and checked the same way (an error if it fails the check).
+    random batches of 1 and 2 images on the model's device and in its dtype (relative error <= ``atol``, default
+    ``PARITY_ATOL`` for the dtype, else rejected), and timed at ``batch_size`` (interleaved); the fastest wins.
+    ONNX Runtime and OpenVINO run CPU float32 models only (rejected with that reason otherwise). A named backend
+    is built and checked the same way (an error if it fails the check). Why each candidate was not used is kept in
+    ``Deployed.rejected``.
     """
     from .bench import time_interleaved
     deployed = fuse_model(model)
+    device, dtype = _device_dtype(deployed)
+    atol = PARITY_ATOL.get(dtype, 1e-4) if atol is None else atol
     h, w = to_2tuple(img_size or getattr(getattr(model, "config", None), "img_size", 224))
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     names = candidates if backend == "auto" else (backend,)
     workdir = str(workdir or tempfile.mkdtemp(prefix="edgevits-deploy-"))
-    x = torch.randn(batch_size, in_chans, h, w)
+    x = torch.randn(batch_size, in_chans, h, w, device=device, dtype=dtype)  # timed; fixes compile's shapes
+    checks = [torch.randn(b, in_chans, h, w, device=device, dtype=dtype) for b in (1, 2)]
     with torch.inference_mode():
-        ref = deployed(x)
+        refs = [deployed(c).float() for c in checks]
     runners, errors = {}, {}
     for name in names:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 runner = make_runner(fuse_model(deployed), name, x, threads, Path(workdir) / name)
-                out = runner(x)
-            err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                outs = [runner(c).float() for c in checks]
+            err = max(float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                      for out, ref in zip(outs, refs))
             if err > atol:
-                errors[name] = f"output differs from PyTorch by {err:.2e}"
+                errors[name] = f"output differs from PyTorch by {err:.2e} (tolerance {atol:.0e})"
                 continue
             runners[name] = runner
         except BackendUnavailable as e:
             errors[name] = str(e)
         except Exception as e:  # a backend that cannot handle this model is skipped, with the reason kept
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            errors[name] = describe_error(e)
     if not runners:
         raise RuntimeError(f"no backend could run {type(model).__name__}: {errors}")
-    times = time_interleaved(runners, x, warmup=2, repeats=repeats, min_repeats=3, budget_s=5.0)
+    times, failed = time_interleaved(runners, x, warmup=2, repeats=repeats, min_repeats=3, budget_s=5.0,
+                                     device=str(device))
+    errors.update({n: f"failed while timed: {why}" for n, why in failed.items()})
+    if not times:
+        raise RuntimeError(f"no backend could run {type(model).__name__}: {errors}")
     timings = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     best = min(timings, key=timings.get)
     return Deployed(runners[best], best, deployed, (h, w), timings, errors, workdir)

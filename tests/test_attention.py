@@ -151,7 +151,9 @@ def test_swiftformer_with_another_attention_builds_trains_and_fuses(name):
         fused = edgevits.fuse_model(model)
         out = fused(x)
     assert out.shape == (2, 10)
-    assert parity(out, ref)[0] < 1e-10
+    # this random 4-stage network amplifies a relative input change of 1e-14 to ~2e-9 at the logits (measured),
+    # so float64 rounding shows up at ~1e-10..1e-9; a real mistake shows up at 1e-3 and above
+    assert parity(out, ref)[0] < 1e-8
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
 
 

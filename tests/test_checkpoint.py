@@ -96,3 +96,27 @@ def test_checkpoint_implies_class_count_and_metadata_survives(tmp_path):
     assert meta["config"]["attention_revision"] == "current"
     foreign = {k: v for k, v in model.state_dict().items()}  # no metadata: the class count comes from the head
     assert edgevits.create_model("swiftformer_xs", checkpoint=foreign).num_classes == 10
+
+
+def test_an_edgevits_file_of_other_output_settings_is_refused(tmp_path):
+    legacy = edgevits.create_model("swiftformer_xs", attention_revision="legacy")
+    path = edgevits.save_checkpoint(legacy, tmp_path / "legacy")
+    with pytest.raises(CheckpointError, match="attention_revision='legacy'"):
+        edgevits.load_checkpoint(edgevits.create_model("swiftformer_xs"), path)
+    assert edgevits.create_model("swiftformer_xs", checkpoint=path).config.attention_revision == "legacy"
+    pooled = edgevits.create_model("efficientformer_l1", pool_size=5)
+    path = edgevits.save_checkpoint(pooled, tmp_path / "pool5")
+    with pytest.raises(CheckpointError, match="pool_size=5"):
+        edgevits.load_checkpoint(edgevits.create_model("efficientformer_l1"), path)
+
+
+def test_checkpoint_files_get_the_mode_an_ordinary_write_would(tmp_path):
+    import os
+    import stat
+    umask = os.umask(0o022)
+    try:
+        path = edgevits.save_checkpoint(edgevits.create_model("efficientvit_m0"), tmp_path / "m0")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.with_suffix(".json").stat().st_mode) == 0o644

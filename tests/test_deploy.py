@@ -1,5 +1,6 @@
 """The main job's parts: bench outputs, exports with a dynamic batch axis, deploy("auto"), the CLI."""
 import csv
+import importlib
 import json
 
 import numpy as np
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 import edgevits
-from edgevits.bench import BenchSpec, run_bench, write_outputs
+from edgevits import bench
+from edgevits.bench import BenchSpec, run_bench, time_interleaved, write_outputs
 from edgevits.cli import main
 from edgevits.export import ExportError, check_onnx, export_onnx, onnx_session
-from edgevits.testing import calibrated
+from edgevits.testing import assert_parity, calibrated
 
 
 def _smallest_per_family():
@@ -112,3 +114,126 @@ def test_cli_export_with_a_checkpoint(tmp_path, capsys):
                  "-o", str(tmp_path / "m.onnx")]) == 0
     session = onnx_session(tmp_path / "m.onnx")
     assert session.run(None, {"x": np.zeros((2, 3, 256, 256), np.float32)})[0].shape == (2, 1000)
+
+
+# -- failures, sizes and outputs that must not end or skew a run ---------------------------------------------------
+
+def _failing_on(backend, after_calls):
+    """A ``make_runner`` stand-in whose ``backend`` runners raise once called more than ``after_calls`` times."""
+    real = bench.make_runner
+
+    def make(model, name, example, *args, **kwargs):
+        runner = real(model, name, example, *args, **kwargs)
+        if name != backend:
+            return runner
+        calls = []
+
+        def run(x):
+            calls.append(1)
+            if len(calls) > after_calls:
+                raise RuntimeError("simulated backend crash")
+            return runner(x)
+        return run
+    return make
+
+
+def test_a_runner_failing_while_timed_is_recorded_and_the_rest_still_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "make_runner", _failing_on("eager_cl", after_calls=2))  # passes warm-up only
+    spec = BenchSpec(models=["swiftformer_xs"], img_size=64, batch_sizes=(1,), backends=("eager_cl", "eager"),
+                     warmup=1, repeats=3, min_repeats=2, budget_s=0.2)
+    paths = write_outputs(run_bench(spec), tmp_path)
+    recs = {r["backend"]: r for r in json.loads(paths["json"].read_text())["records"]}
+    assert recs["eager_cl"]["status"] == "failed" and "simulated backend crash" in recs["eager_cl"]["note"]
+    assert "median_ms" not in recs["eager_cl"]
+    assert recs["eager"]["status"] == "ok" and recs["eager"]["median_ms"] > 0 and recs["eager"]["runs"] >= 2
+    rows = {r["backend"]: r for r in csv.DictReader(paths["csv"].open())}
+    assert rows["eager_cl"]["status"] == "failed" and "simulated backend crash" in rows["eager_cl"]["note"]
+    assert paths["png"].exists()
+
+
+def test_time_interleaved_drops_a_raising_runner_and_keeps_the_others():
+    def bad(x):
+        raise ValueError("boom")
+    times, errors = time_interleaved({"ok": lambda x: x + 1, "bad": bad}, torch.zeros(2), warmup=1, repeats=3,
+                                     min_repeats=3, budget_s=1.0)
+    assert list(times) == ["ok"] and len(times["ok"]) == 3 and errors == {"bad": "ValueError: boom"}
+
+
+def test_bench_compare_timm_at_256_builds_timm_for_that_size_or_records_a_skip(tmp_path):
+    ref, ours = bench._timm_twin("efficientformerv2_s0", 256)  # same weights, both built for 256
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert_parity(ours(x), ref(x))
+    spec = BenchSpec(models=["efficientformerv2_s0", "efficientformer_l1"], img_size=256, batch_sizes=(1,),
+                     backends=("eager",), warmup=0, repeats=2, min_repeats=1, budget_s=0.05, compare="timm")
+    recs = {(r["model"], r["source"]): r for r in run_bench(spec)["records"]}
+    assert recs[("efficientformerv2_s0", "timm")]["status"] == "ok"
+    assert recs[("efficientformerv2_s0", "edgevits")]["timm_over_ours"] > 0
+    skipped = recs[("efficientformer_l1", "timm")]  # timm's V1 fixes its attention bias at 224x224
+    assert skipped["status"] == "skipped" and "256x256" in skipped["note"]
+    assert recs[("efficientformer_l1", "edgevits")]["status"] == "ok"
+
+
+def test_compare_timm_without_timm_fails_at_the_start_with_the_install_hint(monkeypatch, capsys):
+    import edgevits.testing
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'timm'")
+    monkeypatch.setattr(edgevits.testing, "import_timm", missing)
+    with pytest.raises(ImportError, match="pip install timm --no-deps"):
+        run_bench(BenchSpec(models=["swiftformer_xs"], compare="timm"))
+    assert main(["bench", "swiftformer_xs", "--compare", "timm"]) == 2
+    assert "pip install timm --no-deps" in capsys.readouterr().err
+
+
+def test_csv_columns_have_a_fixed_order_whatever_the_first_record(tmp_path):
+    ok = dict(model="m", family="f", source="edgevits", backend="eager", batch=1, status="ok", median_ms=1.0,
+              p10_ms=0.9, p90_ms=1.1, runs=3, top1=70.0, zeta=1)
+    failed = dict(model="m", family="f", source="timm", backend="onnxruntime", batch=1, status="failed",
+                  note="RuntimeError: x", alpha=2)
+    headers = []
+    for records in ([failed, ok], [ok, failed]):
+        path = write_outputs({"machine": {}, "records": records}, tmp_path / str(len(headers)))["csv"]
+        headers.append(path.read_text().splitlines()[0].split(","))
+    assert headers[0] == headers[1]
+    assert headers[0][:len(bench.COLUMNS)] == list(bench.COLUMNS) and headers[0][-2:] == ["alpha", "zeta"]
+    assert headers[0][:6] == ["model", "family", "source", "backend", "batch", "img_size"]
+
+
+def test_peak_is_measured_in_the_bench_dtype(monkeypatch):
+    seen = []
+
+    def fake_peak(threads=None, n=None, repeats=8, device="cpu", dtype=torch.float32, budget_s=2.0):
+        seen.append((device, dtype))
+        return 1000.0
+    monkeypatch.setattr(bench, "measure_peak_gflops", fake_peak)
+    spec = BenchSpec(models=["swiftformer_xs"], img_size=64, batch_sizes=(1,), backends=("eager",),
+                     dtype="bfloat16", warmup=0, repeats=2, min_repeats=1, budget_s=0.05)
+    result = run_bench(spec)
+    assert set(seen) == {("cpu", torch.bfloat16)}
+    assert result["records"][0]["peak_fraction"] == pytest.approx(result["records"][0]["gflops_per_s"] / 1000)
+    assert bench.measure_peak_gflops(n=256, repeats=2, dtype=torch.bfloat16) > 0
+
+
+def test_deploy_rejects_a_candidate_whose_output_differs_and_falls_back(monkeypatch):
+    deploy_module = importlib.import_module("edgevits.deploy")  # the package exports deploy() under that name
+    real = deploy_module.make_runner
+
+    def make(model, name, example, *args, **kwargs):
+        runner = real(model, name, example, *args, **kwargs)
+        if name != "eager_cl":
+            return runner
+        return lambda x: runner(x) + (x.shape[0] == 2)  # right at batch 1, wrong at batch 2
+    monkeypatch.setattr(deploy_module, "make_runner", make)
+    model = _calibrated("swiftformer_xs")
+    runner = edgevits.deploy(model, candidates=("eager_cl", "eager"), img_size=64, repeats=3)
+    assert runner.backend == "eager" and "eager_cl" not in runner.timings_ms
+    assert "differs" in runner.rejected["eager_cl"]
+
+
+def test_deploy_follows_the_model_dtype_and_keeps_graph_backends_to_cpu_float32():
+    model = _calibrated("swiftformer_xs").to(torch.bfloat16)
+    runner = edgevits.deploy(model, candidates=("eager", "onnxruntime"), img_size=64, repeats=3)
+    assert runner.backend == "eager" and "float32 only" in runner.rejected["onnxruntime"]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
+    assert runner(x).dtype == torch.bfloat16

@@ -28,6 +28,17 @@ def test_timm_weights_give_timm_outputs(name):
         assert_parity(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("size", [(160, 160), (384, 384), (192, 288), (200, 200), (100, 150)])
+def test_a_model_built_at_224_matches_timm_at_any_input_size(size):
+    # the windows keep the side they were built with (7, 7, 4 at 224): larger, smaller or non-square maps pad to
+    # whole windows (stage 3 at 384 is 6x6: four padded 4x4 windows; at 192x288 stage 2 is 6x9: two 7x7 windows)
+    ref = _timm_reference("efficientvit_m1")
+    ours = edgevits.create_model("efficientvit_m1", checkpoint=ref.state_dict()).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert_parity(ours(x), ref(x))
+
+
 def test_window_padding_matches_timm_at_256():
     # 256 -> stage maps 16, 8, 4: stages 1 and 2 pad to 21 and 14 and attend in 7x7 windows, as timm does
     ref = _timm_reference("efficientvit_m0", img_size=256)
@@ -99,7 +110,7 @@ def test_official_file_with_a_distillation_head_builds_one_and_averages_it():
 def test_bias_tables_are_never_stale():
     model = calibrated(edgevits.create_model("efficientvit_m0"))
     x = torch.randn(2, 3, 224, 224)
-    big = torch.randn(1, 3, 384, 384)  # stage 3 is 6x6 there: its 4x4 tables are resized on the fly
+    big = torch.randn(1, 3, 384, 384)  # stage 3 is 6x6 there: four padded 4x4 windows
     with torch.no_grad():
         before, before_big = model(x), model(big)
         for m in model.modules():
@@ -120,7 +131,7 @@ def test_deploy_form_equals_the_eval_form_at_any_size(name):
     assert any(isinstance(m, FusedCascadedGroupAttention) for m in fused.modules())
     assert not [m for m in fused.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
-        for size in [(224, 224), (256, 256), (160, 160), (192, 288), (384, 384)]:
+        for size in [(224, 224), (256, 256), (160, 160), (192, 288), (384, 384), (100, 150)]:
             for batch in (1, 2):
                 x = torch.randn(batch, 3, *size, dtype=torch.float64)
                 ref, out = model(x), fused(x)

@@ -92,6 +92,19 @@ def test_bias_follows_in_place_edits_in_eval_form_and_freezes_once_fused():
     with torch.no_grad():
         frozen.table.add_(1.0)
     assert torch.allclose(frozen((5, 5), (5, 5)), bias((5, 5), (5, 5)) + 1.0)
+    assert torch.allclose(frozen((7, 7), (7, 7)), bias((7, 7), (7, 7)) + 1.0)  # the training size too
+
+
+def test_frozen_bias_follows_a_loaded_table_at_every_size():
+    src = RelPosBias(4, (7, 7))
+    frozen = src.fuse()
+    frozen((5, 5), (5, 5))  # fill the per-size cache
+    other = RelPosBias(4, (7, 7))
+    with torch.no_grad():
+        other.attention_biases.normal_()
+    frozen.load_state_dict({"table": other.attention_biases.detach(), "bias": frozen.bias})  # table only changes
+    for size in [(7, 7), (5, 5)]:
+        assert torch.equal(frozen(size, size), other(size, size))
 
 
 def test_fused_linear_equals_plain_ops_and_honours_weight_edits():

@@ -21,16 +21,39 @@ def _calibrated(name):
     return calibrated(edgevits.create_model(name), batches=1, batch_size=4)
 
 
+# (params in M with the distillation head, GMACs at 224, tolerance on the GMACs): the papers' / official figures,
+# written out here so that a change to the registry cannot move the target. SwiftFormer's and V2's MACs are given
+# to three decimals (checked to them); V1's and EfficientViT's are rounded in the papers (checked to 2%).
+PAPER = {
+    "swiftformer_xs": (3.475, 0.602, 5e-4), "swiftformer_s": (6.092, 0.985, 5e-4),
+    "swiftformer_l1": (12.058, 1.596, 5e-4), "swiftformer_l3": (28.495, 4.008, 5e-4),
+    "efficientformer_l1": (12.290, 1.30, 0.02), "efficientformer_l3": (31.406, 3.93, 0.02),
+    "efficientformer_l7": (82.229, 10.16, 0.02),
+    "efficientformerv2_s0": (3.600, 0.396, 5e-4), "efficientformerv2_s1": (6.186, 0.652, 5e-4),
+    "efficientformerv2_s2": (12.710, 1.247, 5e-4), "efficientformerv2_l": (26.322, 2.553, 5e-4),
+    "efficientvit_m0": (2.349, 0.079, 0.02), "efficientvit_m1": (2.981, 0.167, 0.02),
+    "efficientvit_m2": (4.188, 0.201, 0.02), "efficientvit_m3": (6.901, 0.263, 0.02),
+    "efficientvit_m4": (8.804, 0.299, 0.02), "efficientvit_m5": (12.474, 0.522, 0.02),
+}
+
+
+def test_every_registered_model_has_its_paper_figures_here():
+    assert sorted(PAPER) == MODELS
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_parameter_count_matches_the_paper(name):
-    expected = edgevits.get_entry(name).published["params_m"]
-    assert abs(edgevits.count_params(_model(name)) / 1e6 - expected) <= 5e-4
+    assert abs(edgevits.count_params(_model(name)) / 1e6 - PAPER[name][0]) <= 5e-4
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_macs_match_the_paper_within_two_percent(name):
-    expected = edgevits.get_entry(name).published["gmacs"]
-    assert edgevits.count_macs(_model(name)) / 1e9 == pytest.approx(expected, rel=0.02)
+def test_macs_match_the_paper(name):
+    _, gmacs, tol = PAPER[name]
+    counted = edgevits.count_macs(_model(name)) / 1e9
+    if tol < 0.01:  # given to three decimals: equal when rounded
+        assert abs(counted - gmacs) <= tol, counted
+    else:
+        assert counted == pytest.approx(gmacs, rel=tol)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -77,12 +100,13 @@ def test_training_returns_two_heads_and_eval_their_mean(name):
 
 def _assert_fused_equals_eval(model, x):
     """The deploy form equals the eval form: exactly (<= 1e-9) in float64, where rounding cannot hide a mistake,
-    and within 1e-4 in float32 with the deploy form's fast kernels (the randomised networks amplify float32
-    rounding: the float32 eval model itself sits up to ~7e-6 from its float64 self)."""
+    and within float32 rounding with the deploy form's fast kernels: the randomised, BN-calibrated networks
+    amplify rounding, so the float32 eval form itself sits up to ~1e-5 from its float64 self, and the two
+    float32 forms (different op orders) up to ~1.4e-5 from each other (measured over every variant)."""
     fused = edgevits.fuse_model(model)
     with torch.no_grad():
         logits, centred = parity(fused(x), model(x))
-    assert logits <= 1e-4 and centred <= 1e-4, (logits, centred)
+    assert logits <= 2e-5 and centred <= 3e-5, (logits, centred)
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
         logits, centred = parity(edgevits.fuse_model(model64)(x.double()), model64(x.double()))
@@ -131,6 +155,47 @@ def test_reset_classifier_from_zero_back_to_n(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_a_checkpoint_saved_after_reset_classifier_records_the_new_class_count(name, tmp_path):
+    model = edgevits.create_model(name)
+    model.reset_classifier(5)
+    assert model.config.num_classes == 5
+    path = edgevits.save_checkpoint(model.eval(), tmp_path / "finetuned")
+    again = edgevits.create_model(name, checkpoint=path).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_deploy_form_keeps_normalised_features_without_a_head_and_after_a_reset(name):
+    model = _calibrated(name)
+    x = torch.randn(2, 3, 224, 224)
+    fused = edgevits.fuse_model(model)
+    headless = edgevits.fuse_model(edgevits.create_model(name, checkpoint=model.state_dict(), num_classes=0))
+    assert not [n for n, m in headless.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert parity(fused.forward_head(fused.forward_features(x), pre_logits=True), ref)[0] <= 1e-4
+        assert parity(headless(x), ref)[0] <= 1e-4
+        fused.reset_classifier(0)
+        assert parity(fused(x), ref)[0] <= 1e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_backbone_loads_a_classification_checkpoint_and_trains_every_parameter(name):
+    full = edgevits.create_model(name)
+    backbone = edgevits.create_model(name, features_only=True)
+    report = edgevits.load_checkpoint(backbone, full.state_dict())
+    assert report["ignored"] and all(k.split(".")[0] in ("head", "head_dist", "norm") for k in report["ignored"])
+    assert not [n for n, m in edgevits.fuse_model(backbone).named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    backbone.train()
+    randomize_(backbone)
+    sum(f.square().mean() for f in backbone(torch.randn(2, 3, 160, 160))).backward()
+    assert not [n for n, p in backbone.named_parameters() if p.grad is None]  # no unused parameter (DDP)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_features_only_gives_one_map_per_stage(name):
     model = edgevits.create_model(name, features_only=True).eval()
     with torch.no_grad():
@@ -153,5 +218,26 @@ def test_bad_inputs_give_errors_that_say_what_was_expected(name):
     model = _model(name).eval()
     with pytest.raises(ValueError, match="expects"):
         model(torch.randn(1, 1, 224, 224))
-    with pytest.raises(ValueError, match="divisible by"):
-        model(torch.randn(1, 3, 225, 224))
+    if model.stride > 1:  # EfficientViT takes any size (its windows pad)
+        with pytest.raises(ValueError, match="divisible by"):
+            model(torch.randn(1, 3, 225, 224))
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0"])
+def test_deploy_form_follows_an_in_place_change_of_its_bias_tables(name):
+    from edgevits.layers import FrozenRelPosBias
+    from edgevits.layers.bias import gather_bias
+    fused = edgevits.fuse_model(calibrated(edgevits.create_model(name)))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        before = fused(x)
+        for m in fused.modules():
+            if isinstance(m, FrozenRelPosBias):
+                m.table.mul_(-1.5)  # an in-place write, as a load_state_dict or an EMA update does
+        after = fused(x)
+        expected = copy.deepcopy(fused)  # the same tables, every bias gathered afresh from them
+        for m in expected.modules():
+            if isinstance(m, FrozenRelPosBias):
+                m.bias.copy_(gather_bias(m.table, m.table_size, *m.default_key))
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, expected(x), rtol=0, atol=0)

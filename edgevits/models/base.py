@@ -1,12 +1,14 @@
 """What every edgevits classifier shares: common config fields, the DeiT-style heads, the common interface."""
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..layers import average_linears, check_image_input, fuse_bn_linear, to_2tuple
+from ..layers import ChannelAffine, average_linears, check_image_input, to_2tuple
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,14 +54,23 @@ class ClassifierModel(nn.Module):
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _init_heads(self) -> None:
+        """Build the classifier(s); each family calls this last in ``__init__``. A ``features_only`` model
+        returns the stage outputs, so it has no final norm either (no parameter left without a gradient)."""
+        if self.config.features_only:
+            self.norm = nn.Identity()
         self.head_drop = nn.Dropout(self.config.drop_rate)
         self.head = self._make_head(self.num_classes)
         self.head_dist = self._make_head(self.num_classes) if self.config.distillation else None
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier(s) with fresh ones for ``num_classes`` (0 removes them: pooled features out)."""
-        ref = next(self.parameters())
+        """Replace the classifier(s) with fresh ones for ``num_classes`` (0 removes them: pooled features out).
+
+        ``config.num_classes`` follows, so a checkpoint saved afterwards records the new class count."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        ref = next(itertools.chain(self.parameters(), self.buffers()))  # the device and dtype to build on
         self.num_classes = num_classes
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
         self.head = self._make_head(num_classes).to(ref.device, ref.dtype).train(self.training)
         if self.head_dist is not None:  # fresh heads follow the model's mode (a BN1d head must not train in eval)
             self.head_dist = self._make_head(num_classes).to(ref.device, ref.dtype).train(self.training)
@@ -112,21 +123,13 @@ class ClassifierModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # -- deploy form -----------------------------------------------------------------------------------------
-    def _fold_final_norm(self) -> None:
-        """Fold a final BatchNorm2d into the pooled head(s) (exact: the spatial mean commutes with it)."""
-        if isinstance(getattr(self, "norm", None), nn.BatchNorm2d):
-            self.head = fuse_bn_linear(self.norm, self.head)
-            if self.head_dist is not None:
-                self.head_dist = fuse_bn_linear(self.norm, self.head_dist)
-            self.norm = nn.Identity()
-
     def fuse(self) -> "ClassifierModel":
-        """Deploy form (called by ``edgevits.fuse_model`` after the children are fused): the final BN folds into
-        the classifier and the two heads collapse into one Linear. ``forward_features`` then returns the features
-        before that norm; logits are unchanged."""
-        if self.num_classes > 0 and not self.config.features_only:
-            self._fold_final_norm()
-            if self.head_dist is not None and isinstance(self.head, nn.Linear):
-                self.head = average_linears(self.head, self.head_dist)
-                self.head_dist = None
+        """Deploy form (called by ``edgevits.fuse_model`` after the children are fused): a final BatchNorm
+        becomes a fixed per-channel affine (so ``forward_features`` still returns normalised features and a
+        later ``reset_classifier`` keeps them) and the two heads collapse into one Linear. Logits are unchanged."""
+        if isinstance(getattr(self, "norm", None), nn.BatchNorm2d):
+            self.norm = ChannelAffine.from_bn(self.norm)
+        if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
+            self.head = average_linears(self.head, self.head_dist)
+            self.head_dist = None
         return self

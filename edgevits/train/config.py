@@ -36,10 +36,13 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata=_help("images per step per process"))
     lr: float | None = field(default=None, metadata=_help(
         "peak learning rate; default 1e-3 x global batch / 1024 (the papers' scaling rule)"))
-    min_lr: float = field(default=1e-5, metadata=_help("learning rate at the end of the cosine schedule"))
+    min_lr: float = field(default=1e-5, metadata=_help(
+        "learning rate at the end of the cosine schedule; when it is not below the peak (e.g. the default peak at "
+        "a global batch of 10 or less) the cosine ends at a hundredth of the peak instead, so it never rises"))
     warmup_epochs: int = field(default=5, metadata=_help(
         "linear warm-up epochs (capped at a fifth of the run)"))
-    warmup_lr: float = field(default=1e-6, metadata=_help("learning rate at the start of the warm-up"))
+    warmup_lr: float = field(default=1e-6, metadata=_help(
+        "learning rate at the start of the warm-up (the peak when that is lower)"))
     weight_decay: float = field(default=0.025, metadata=_help("AdamW weight decay (not applied to norms and biases)"))
     opt_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
     clip_grad: float | None = field(default=0.01, metadata=_help("gradient clipping threshold; 0 disables"))

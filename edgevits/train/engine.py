@@ -83,9 +83,21 @@ def setup_runtime(device: str = "auto") -> Runtime:
 
 
 def _all_reduce(t: torch.Tensor, rt: Runtime, op=None) -> torch.Tensor:
+    """Reduce ``t`` over the processes in place (a sum unless ``op``) and return it. The collective runs on
+    ``rt.device`` (NCCL reduces CUDA tensors only, gloo CPU ones): a tensor elsewhere is reduced as a copy there."""
     if rt.world_size > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        buf = t if t.device == rt.device else t.to(rt.device)
+        dist.all_reduce(buf, op=op or dist.ReduceOp.SUM)
+        if buf is not t:
+            t.copy_(buf)
     return t
+
+
+def _any_process(flag: bool, rt: Runtime) -> bool:
+    """``flag`` OR-ed over the processes (collective when there are 2+: every process must call it)."""
+    if rt.world_size == 1:
+        return flag
+    return bool(_all_reduce(torch.tensor([float(flag)], device=rt.device), rt, dist.ReduceOp.MAX).item())
 
 
 # ---- model, teacher, optimiser, schedule --------------------------------------------------------------------------
@@ -121,13 +133,15 @@ def build_student(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]
 
 
 def build_teacher(cfg: TrainConfig, num_classes: int, log: Callable[[str], None] = print) -> nn.Module:
-    """The teacher from ``--teacher`` (a model name, with ``--teacher-checkpoint``, or an edgevits checkpoint)."""
+    """The teacher from ``--teacher`` (a model name, with ``--teacher-checkpoint``, or an edgevits checkpoint).
+    Raises ``CheckpointError`` when its checkpoint names no model or predicts another number of classes."""
+    from ..checkpoint import CheckpointError
     spec = cfg.teacher
     if os.path.isfile(spec):
         _, meta = read_checkpoint(spec)
         if not meta.get("model"):
-            raise ValueError(f"teacher checkpoint {spec!r} does not record its model: pass --teacher MODEL_NAME "
-                             f"--teacher-checkpoint {spec}")
+            raise CheckpointError(f"teacher checkpoint {spec!r} does not record its model: pass --teacher "
+                                  f"MODEL_NAME --teacher-checkpoint {spec}")
         teacher = create_model(meta["model"], checkpoint=spec)
     else:
         if not cfg.teacher_checkpoint:
@@ -135,7 +149,9 @@ def build_teacher(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]
         teacher = create_model(spec, checkpoint=cfg.teacher_checkpoint) if cfg.teacher_checkpoint else \
             create_model(spec, num_classes=num_classes)
     if getattr(teacher, "num_classes", num_classes) != num_classes:
-        raise ValueError(f"the teacher predicts {teacher.num_classes} classes, the data has {num_classes}")
+        raise CheckpointError(f"the teacher ({cfg.teacher_checkpoint or spec}) predicts {teacher.num_classes} "
+                              f"classes, the data has {num_classes}: distil from a teacher trained on these classes "
+                              "(e.g. fine-tuned with edgevits train --checkpoint)")
     return teacher.eval().requires_grad_(False)
 
 
@@ -193,12 +209,19 @@ class Schedule:
         return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+MIN_LR_FRACTION = 0.01  # the cosine floor, as a fraction of the peak, when --min-lr is not below the peak
+
+
 def resolve(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict:
-    """The values the run derives from its config (also written to config.json)."""
+    """The values the run derives from its config (also written to config.json). The schedule never rises: the
+    cosine ends at ``min_lr`` only when it is below the peak, else at ``MIN_LR_FRACTION`` x the peak (the papers'
+    1e-5 / 1e-3); the warm-up starts at ``warmup_lr`` or at the peak, whichever is lower."""
     global_batch = cfg.batch_size * world_size
     total = cfg.epochs * steps_per_epoch
     ema = min(cfg.ema_decay, max(1 - 5 / max(total, 1), 0.9)) if cfg.ema_decay > 0 else 0.0
-    return {"lr": cfg.lr if cfg.lr is not None else 1e-3 * global_batch / 1024, "global_batch": global_batch,
+    lr = cfg.lr if cfg.lr is not None else 1e-3 * global_batch / 1024
+    return {"lr": lr, "min_lr": cfg.min_lr if cfg.min_lr < lr else lr * MIN_LR_FRACTION,
+            "warmup_lr": min(cfg.warmup_lr, lr), "global_batch": global_batch,
             "world_size": world_size, "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "warmup_epochs": min(cfg.warmup_epochs, cfg.epochs // 5), "ema_decay": max(ema, 0.0)}
 
@@ -212,7 +235,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, rt: Runtime | None 
     rt = rt or Runtime()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, images, skipped
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, images, skipped
     for x, y, skipped in loader:
         sums[4] += skipped
         if x is None:
@@ -224,15 +247,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, rt: Runtime | None 
             out = model(x)
         out = out.float()
         top = out.topk(min(5, out.shape[1]), dim=1).indices
-        sums[0] += F.cross_entropy(out, y, reduction="sum").item()
-        sums[1] += (top[:, 0] == y).sum().item()
-        sums[2] += (top == y[:, None]).any(dim=1).sum().item()
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        sums[1] += (top[:, 0] == y).sum()
+        sums[2] += (top == y[:, None]).any(dim=1).sum()
         sums[3] += y.numel()
-    _all_reduce(sums, rt)
+    loss, top1, top5, images, skipped = _all_reduce(sums, rt).tolist()
     model.train(was_training)
-    n = max(sums[3].item(), 1.0)
-    return {"top1": sums[1].item() / n, "top5": sums[2].item() / n, "loss": sums[0].item() / n,
-            "images": int(sums[3].item()), "skipped": int(sums[4].item())}
+    n = max(images, 1.0)
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(images), "skipped": int(skipped)}
 
 
 def default_workers(world_size: int) -> int:
@@ -322,17 +344,23 @@ def load_state(path: str | os.PathLike) -> dict:
     return torch.load(str(resume_path(path)), map_location="cpu", weights_only=True)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """This process's random state: the CPU generator's, and that of the GPU it trains on (only that one: touching
+    every visible GPU would open a CUDA context on each from every process)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore ``_rng_state``; a GPU state is restored on ``device`` only (a CPU run ignores it)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written by earlier versions: one state per visible GPU
+        cuda = cuda[min(device.index or 0, len(cuda) - 1)] if cuda else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -407,7 +435,7 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
                             betas=(0.9, 0.999))
     ema = ModelEma(model, derived["ema_decay"]) if derived["ema_decay"] > 0 else None
     schedule = Schedule(derived["lr"], derived["total_steps"], derived["warmup_epochs"] * steps_per_epoch,
-                        cfg.warmup_lr, cfg.min_lr)
+                        derived["warmup_lr"], derived["min_lr"])
     mixer = Mixer(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
 
     start_epoch, best_top1, best_epoch = 0, -1.0, 0
@@ -422,11 +450,11 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
         start_epoch, best_top1, best_epoch = int(state["epochs_done"]), float(state["best_top1"]), \
             int(state["best_epoch"])
         if rt.world_size == len(state["rng"]):
-            _set_rng_state(state["rng"][rt.rank])
+            _set_rng_state(state["rng"][rt.rank], rt.device)
         else:
             log(f"warning: resuming with {rt.world_size} processes, saved with {len(state['rng'])}: "
                 "the random streams differ from an uninterrupted run")
-            _set_rng_state(state["rng"][0])
+            _set_rng_state(state["rng"][0], rt.device)
         rows = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
         log(f"resumed from {cfg.resume} after epoch {start_epoch}")
     if rt.main:
@@ -439,6 +467,9 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
     if rt.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if derived["min_lr"] != cfg.min_lr:
+        log(f"note: --min-lr {cfg.min_lr:.3g} is not below the peak lr {derived['lr']:.3g}: the cosine ends at "
+            f"{derived['min_lr']:.3g} instead")
     log(f"training {cfg.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M params) on "
         f"{len(train_ds)} images / {num_classes} classes, {rt.world_size} process(es) on {rt.device}, "
         f"{steps_per_epoch} steps/epoch, lr {derived['lr']:.3g}, EMA {derived['ema_decay']:.6g}")
@@ -451,14 +482,13 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
         sampler.set_epoch(epoch)
         model.train()
         loss_fn.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss x images, images, skipped, skipped steps
+        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss x images, images, skipped, bad steps
         lr = schedule(epoch * steps_per_epoch)
         t0 = time.perf_counter()
         bar = _progress(tloader, rt.main and cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
         for step, (x, y, skipped) in enumerate(bar):
             sums[2] += skipped
-            unusable = torch.tensor([float(x is None or x.shape[0] < 2)])
-            if _all_reduce(unusable, rt, dist.ReduceOp.MAX if rt.world_size > 1 else None).item():
+            if _any_process(x is None or x.shape[0] < 2, rt):
                 sums[3] += 1  # a batch of fewer than 2 readable images (BN needs 2) is skipped on every process
                 continue
             global_step = epoch * steps_per_epoch + step
@@ -482,25 +512,25 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
             opt.step()
             if ema is not None:
                 ema.update(raw)
-            sums[0] += loss.item() * x.shape[0]
+            sums[0] += loss.detach().double() * x.shape[0]
             sums[1] += x.shape[0]
             if rt.main and cfg.progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         train_time = time.perf_counter() - t0
-        _all_reduce(sums, rt)
+        loss_sum, images, skipped_images, skipped_steps = _all_reduce(sums, rt).tolist()
 
         t1 = time.perf_counter()
         eval_model = ema.module if ema is not None else raw
         val = evaluate(eval_model, vloader, rt.device, rt, amp)
-        row = {"epoch": epoch + 1, "train_loss": sums[0].item() / max(sums[1].item(), 1.0),
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(images, 1.0),
                "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"], "lr": lr,
                "weights": "ema" if ema is not None else "model"}
         if ema is not None:
             row["val_top1_raw"] = evaluate(raw, vloader, rt.device, rt, amp)["top1"]
-        row.update({"train_images": int(sums[1].item()), "skipped_train_images": int(sums[2].item()),
-                    "skipped_steps": int(sums[3].item()), "val_images": val["images"],
+        row.update({"train_images": int(images), "skipped_train_images": int(skipped_images),
+                    "skipped_steps": int(skipped_steps), "val_images": val["images"],
                     "skipped_val_images": val["skipped"],
-                    "img_per_s": sums[1].item() / max(train_time, 1e-9), "epoch_time_s": train_time,
+                    "img_per_s": images / max(train_time, 1e-9), "epoch_time_s": train_time,
                     "eval_time_s": time.perf_counter() - t1})
         rows.append(row)
         improved = row["val_top1"] > best_top1
@@ -534,7 +564,7 @@ def _train(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> TrainRe
 
 def _gather_rng(rt: Runtime) -> list[dict]:
     """Every process's RNG state (collective: all processes call it); rank 0 gets the list."""
-    mine = _rng_state()
+    mine = _rng_state(rt.device)
     if rt.world_size == 1:
         return [mine]
     states = [None] * rt.world_size

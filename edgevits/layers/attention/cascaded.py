@@ -7,9 +7,10 @@ Both work on feature maps (B, C, H, W), not on token sequences.
 q/k/v projection (conv + BN), a depthwise conv + BN on the query only, and a learned relative-position bias. The
 head outputs are concatenated and projected back (ReLU -> 1x1 conv + BN).
 
-``LocalWindowAttention`` applies it inside non-overlapping windows (7x7 in the released models): the map is padded
-at the bottom/right to a multiple of the window, cut into windows that are stacked along the batch dimension,
-attended, put back and cropped. A map no larger than the window is attended globally.
+``LocalWindowAttention`` applies it inside non-overlapping windows (7x7 in the released models, clipped to the
+stage's map at the training size: 4x4 in the last stage at 224): the map is padded at the bottom/right to a
+multiple of the window, cut into windows that are stacked along the batch dimension, attended, put back and
+cropped. A map of exactly one window is attended globally.
 
 Deploy form (``fuse()``, called by ``edgevits.fuse_model``): ``FusedCascadedGroupAttention`` and
 ``FusedLocalWindowAttention``, on tokens in channels-last order. Every conv + BN is folded, the softmax scale is
@@ -160,14 +161,15 @@ class FusedCascadedGroupAttention(nn.Module):
                              f"{qkvs[0].in_channels})")
         with torch.no_grad():
             weight = torch.stack([m.weight.flatten(1).t() for m in qkvs])  # (heads, chunk, 2k+d)
-            self.register_buffer("qkv_weight", weight.contiguous())
-            self.register_buffer("qkv_bias", torch.stack([m.bias for m in qkvs])[:, None, :].contiguous())
+            self.register_buffer("qkv_weight", weight.detach().contiguous())
+            self.register_buffer("qkv_bias", torch.stack([m.bias for m in qkvs])[:, None, :].detach().contiguous())
             # the softmax scale moves into the query: (s q)^T k == s (q^T k)
             for i, m in enumerate(_folded(m) for m in src.dws):
-                self.register_buffer(f"dw_weight{i}", (m.weight * src.scale).contiguous())
-                self.register_buffer(f"dw_bias{i}", (m.bias * src.scale)[:, None, None].contiguous())  # (k, 1, 1)
+                self.register_buffer(f"dw_weight{i}", (m.weight * src.scale).detach().contiguous())
+                dw_bias = (m.bias * src.scale)[:, None, None]  # (k, 1, 1)
+                self.register_buffer(f"dw_bias{i}", dw_bias.detach().contiguous())
             proj = _folded(src.proj)
-            self.register_buffer("proj_weight", proj.weight.flatten(1).contiguous())  # (C, heads * d)
+            self.register_buffer("proj_weight", proj.weight.flatten(1).detach().contiguous())  # (C, heads * d)
             self.register_buffer("proj_bias", proj.bias.detach().clone())
         pos = src.pos_bias
         self.pos_bias = pos.fuse() if isinstance(pos, RelPosBias) else pos
@@ -229,12 +231,14 @@ class FusedCascadedGroupAttention(nn.Module):
 
 
 class LocalWindowAttention(nn.Module):
-    """Cascaded group attention inside ``window`` x ``window`` windows of a map (B, C, H, W) -> (B, C, H, W).
+    """Cascaded group attention inside square windows of a map (B, C, H, W) -> (B, C, H, W).
 
-    The effective window is ``min(window, H, W)`` (as the official code clips it to the stage resolution); where it
-    differs from the training window ``resolution`` the bias table is resized. A map that is exactly one window is
-    attended globally; otherwise it is zero-padded at the bottom/right to a multiple of the window, the windows are
-    attended as one batch, and the result is cropped back to H x W.
+    The window side is ``min(window, resolution)``, fixed when the layer is built (``resolution`` is the stage's
+    map side at the training size), as in the official code and timm: the bias table is learned for exactly that
+    window. A map of exactly one window is attended globally; any other map (larger, smaller or not square) is
+    zero-padded at the bottom/right to a multiple of the window, cut into windows stacked along the batch,
+    attended, put back and cropped to H x W. So the layer takes any input size and never resizes a table at run
+    time; building the model for another ``img_size`` changes the window and resizes the tables on load.
     """
 
     def __init__(self, dim: int, key_dim: int = 16, num_heads: int = 4, attn_ratio: float | None = None,
@@ -242,12 +246,12 @@ class LocalWindowAttention(nn.Module):
         super().__init__()
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.window = window
-        self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio, min(window, resolution), kernels)
+        self.window = min(window, resolution)
+        self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio, self.window, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        ws = min(self.window, h, w)
+        ws = self.window
         if h == ws and w == ws:
             return self.attn(x)
         pad_b, pad_r = (-h) % ws, (-w) % ws
@@ -283,7 +287,7 @@ class FusedLocalWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        ws = min(self.window, h, w)
+        ws = self.window
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
         pad_b, pad_r = (-h) % ws, (-w) % ws
         if pad_b or pad_r:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .allocator import tune_malloc
 from .backends import BACKENDS, BackendUnavailable, describe_error, make_runner
 from .flops import count_macs, count_params
 from .fuse import fuse_model
@@ -43,6 +44,7 @@ class BenchSpec:
     min_repeats: int = 5
     budget_s: float = 3.0  # time budget per model and batch size for the timed runs of all its runners
     compare: str | None = None  # "timm": the same variants from timm, same weights, interleaved
+    tune_malloc: bool = True  # keep freed activation memory in the process (edgevits.allocator), for every runner
 
 
 def measure_peak_gflops(threads: int | None = None, n: int | None = None, repeats: int = 8, device: str = "cpu",
@@ -194,11 +196,12 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     names = spec.models or list_models()
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    malloc_tuned = tune_malloc() if spec.tune_malloc else False
     dtype = DTYPES[spec.dtype]
     peak = measure_peak_gflops(spec.threads, device=spec.device, dtype=dtype)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": spec.device,
-               "dtype": spec.dtype, "peak_gflops_measured": peak}
+               "dtype": spec.dtype, "peak_gflops_measured": peak, "malloc_tuned": malloc_tuned}
     records = []
     with tempfile.TemporaryDirectory(prefix="edgevits-bench-") as tmp:
         for name in names:

@@ -58,7 +58,8 @@ def _cmd_bench(args) -> int:
     from .registry import list_models
     spec = BenchSpec(models=list(args.models), img_size=args.img_size, batch_sizes=args.batch_sizes,
                      backends=args.backends, threads=args.threads, device=args.device, dtype=args.dtype,
-                     warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, compare=args.compare)
+                     warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, compare=args.compare,
+                     tune_malloc=args.tune_malloc)
     try:
         check_spec(spec)
     except (KeyError, ValueError, ImportError) as e:
@@ -82,7 +83,8 @@ def _cmd_bench(args) -> int:
     m = result["machine"]
     peak = m["peak_gflops_measured"]
     title = (f"edgevits bench: {m['device']} {m['dtype']}, {m['threads']} threads, {spec.img_size}x{spec.img_size}"
-             + (f", measured {m['dtype']} matmul peak {peak:.0f} GFLOP/s" if peak else ", matmul peak n/a"))
+             + (f", measured {m['dtype']} matmul peak {peak:.0f} GFLOP/s" if peak else ", matmul peak n/a")
+             + (", malloc tuned" if m.get("malloc_tuned") else ""))
     table = Table(title=title)
     for col in ("model", "source", "backend", "batch", "median ms", "p10-p90 ms", "img/s", "GFLOP/s", "% peak",
                 "timm/ours"):
@@ -131,6 +133,9 @@ def add_bench(sub) -> None:
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timed rounds per model and batch size")
     p.add_argument("--compare", choices=["timm"], default=None,
                    help="also time timm's implementation with the same weights, interleaved")
+    p.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed activation memory in the process (glibc), for every model measured alike: "
+                        "removes thousands of page faults per forward pass (edgevits.allocator)")
     p.add_argument("--out", default="bench_out", help="output folder for bench.json, bench.csv, the PNG plot")
     p.set_defaults(func=_cmd_bench)
 

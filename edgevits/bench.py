@@ -357,6 +357,9 @@ def plot_latency_vs_top1(records: list[dict], path: str | Path) -> None:
         for ms, top1, name in pts:
             ax.annotate(name.split("_", 1)[-1], (ms, top1), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 7, 8, 10 rather than 7x10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"latency, batch {batch}, fastest backend (ms, log scale)")
     ax.set_ylabel("ImageNet-1K top-1 (%, published)")
     ax.set_title("Accuracy vs latency measured on this machine")

@@ -29,7 +29,7 @@ install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 # The main job: every registered model measured on this machine (eager deploy form and ONNX Runtime, batch 1 and
-# 4); prints the table and where bench.json / bench.csv / latency_vs_top1.png are. About 3-4 minutes on 2 cores.
+# 4); prints the table and where bench.json / bench.csv / latency_vs_top1.png are. About 4 minutes on 2 cores.
 demo: $(STAMP)
 	$(VENV)/bin/edgevits bench --batch-sizes 1,4 --warmup 1 --budget 0.5 --out bench_out
 

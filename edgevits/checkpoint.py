@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +48,33 @@ def _read_file(path: Path) -> tuple[dict, dict]:
     return obj, {}
 
 
-def _unwrap(obj: dict) -> StateDict:
-    """Find the state dict inside a training checkpoint ({'model': ...}, {'state_dict': ...}); strip 'module.'."""
+def _unwrap(obj: dict) -> tuple[StateDict, str | None]:
+    """Find the state dict inside a training checkpoint ({'model': ...}, {'state_dict': ...}); strip 'module.'.
+    Returns it and the wrapper key it came from (None for a plain state dict). A file holding both EMA and raw
+    weights gives the EMA ones (what the papers evaluate), with a warning saying how to take the raw ones."""
+    wrapper = None
     for key in _WRAPPERS:
         if isinstance(obj.get(key), dict) and obj[key] and all(torch.is_tensor(v) for v in obj[key].values()):
-            obj = obj[key]
+            others = [k for k in _WRAPPERS if k != key and isinstance(obj.get(k), dict) and obj[k]]
+            if key.endswith("_ema") and others:
+                warnings.warn(f"checkpoint holds {key!r} and {others[0]!r} weights: loading {key!r} (pass "
+                              f"checkpoint[{others[0]!r}] to load the other)", stacklevel=3)
+            obj, wrapper = obj[key], key
             break
     sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
     if not sd:
         raise CheckpointError(f"no tensors found in checkpoint (top-level keys: {sorted(obj)[:10]})")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return sd, wrapper
 
 
 def read_checkpoint(src: str | os.PathLike | dict) -> tuple[StateDict, dict]:
-    """Return ``(state_dict, metadata)`` from a path or an in-memory dict (metadata is {} for foreign files)."""
-    if isinstance(src, dict):
-        return _unwrap(src), {}
-    obj, meta = _read_file(Path(src))
-    return _unwrap(obj), meta
+    """Return ``(state_dict, metadata)`` from a path or an in-memory dict: an edgevits file's saved metadata, and
+    for a training checkpoint ``{"wrapper": key}``, the key its weights were found under ({} otherwise)."""
+    obj, meta = ({}, {}) if isinstance(src, dict) else _read_file(Path(src))
+    sd, wrapper = _unwrap(src if isinstance(src, dict) else obj)
+    return sd, ({**meta, "wrapper": wrapper} if wrapper else meta)
 
 
 def config_hints(entry, sd: StateDict, meta: dict) -> dict:
@@ -144,7 +152,8 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: boo
 
     Attention-bias tables stored at another resolution are resized to the model's. Raises ``CheckpointError``
     listing missing keys, unexpected keys and shape clashes (all of them, not just the first). Returns a report
-    ``{"source": ..., "resized": [...], "missing": [...], "unexpected": [...], "ignored": [...]}``. A model
+    ``{"source": ..., "resized": [...], "missing": [...], "unexpected": [...], "ignored": [...], "wrapper": ...}``
+    (``wrapper``: the key of a training checkpoint the weights came from, such as ``"model"`` or ``"model_ema"``). A model
     without a classifier (``num_classes=0``) or a ``features_only`` backbone takes a classification checkpoint:
     the head (and, for a backbone, the final norm) weights it has no place for are ignored and listed.
     """
@@ -172,7 +181,8 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: boo
                          "variant it was saved from)")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(sd, strict=strict)
-    return {"source": source, "resized": resized, "missing": missing, "unexpected": unexpected, "ignored": ignored}
+    return {"source": source, "resized": resized, "missing": missing, "unexpected": unexpected, "ignored": ignored,
+            "wrapper": meta.get("wrapper")}
 
 
 def _config_dict(model: nn.Module) -> dict:

@@ -120,3 +120,16 @@ def test_checkpoint_files_get_the_mode_an_ordinary_write_would(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE(path.with_suffix(".json").stat().st_mode) == 0o644
+
+
+def test_a_training_checkpoint_with_ema_and_raw_weights_loads_the_ema_ones_and_says_so(tmp_path):
+    raw, ema = edgevits.create_model("efficientvit_m0"), edgevits.create_model("efficientvit_m0")
+    path = tmp_path / "train.pth"
+    torch.save({"model": raw.state_dict(), "model_ema": ema.state_dict(), "epoch": 3}, path)
+    model = edgevits.create_model("efficientvit_m0")
+    with pytest.warns(UserWarning, match="loading 'model_ema'"):
+        report = edgevits.load_checkpoint(model, path)
+    assert report["wrapper"] == "model_ema"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
+    edgevits.load_checkpoint(model, torch.load(path, weights_only=True)["model"])  # the raw ones, on request
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), raw.state_dict().values()))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .misc import tensor_stamp
+
 Size = tuple[int, int]
 
 
@@ -51,11 +53,6 @@ def gather_bias(table: torch.Tensor, table_size: Size, q_size: Size, k_size: Siz
     """(heads, Nq, Nk) bias for the given grids from a (heads, Ht*Wt) table (resized to the key grid if needed)."""
     table = resize_table(table, table_size, k_size)
     return table[:, bias_index(q_size, k_size, stride, device=table.device)]
-
-
-def _stamp(t: torch.Tensor) -> tuple:
-    """What identifies a tensor's current contents: storage, version counter (inference tensors have none), device."""
-    return None if t.is_inference() else t._version, t.data_ptr(), t.device
 
 
 class RelPosBias(nn.Module):
@@ -106,18 +103,18 @@ class FrozenRelPosBias(nn.Module):
         with torch.no_grad():
             self.register_buffer("table", src.attention_biases.detach().clone())
             self.register_buffer("bias", gather_bias(self.table, self.table_size, *self.default_key))
-        self._bias_stamp = _stamp(self.table)
+        self._bias_stamp = tensor_stamp(self.table)
         self._cache: dict = {}  # other sizes: key -> (table stamp, bias)
 
     def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
         key = (tuple(q_size), tuple(k_size), stride)
         if key == self.default_key:
-            if not torch.compiler.is_compiling() and self._bias_stamp != _stamp(self.table):
+            if not torch.compiler.is_compiling() and self._bias_stamp != tensor_stamp(self.table):
                 with torch.no_grad():  # the table changed since the last gather
                     self.bias.copy_(gather_bias(self.table, self.table_size, *key))
-                self._bias_stamp = _stamp(self.table)
+                self._bias_stamp = tensor_stamp(self.table)
             return self.bias
-        stamp = _stamp(self.table)
+        stamp = tensor_stamp(self.table)
         hit = self._cache.get(key)
         if hit is None or hit[0] != stamp:
             with torch.no_grad():

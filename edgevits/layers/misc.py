@@ -48,6 +48,13 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def tensor_stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents, to key a cache of something derived from it: its storage, its
+    version counter (bumped by every in-place write except through ``.data``; inference tensors have none) and its
+    device."""
+    return None if t.is_inference() else t._version, t.data_ptr(), t.device
+
+
 def check_image_input(x: torch.Tensor, in_chans: int, multiple: int, model_name: str = "model") -> None:
     """Raise a ValueError naming what was expected when ``x`` is not (B, in_chans, H, W) with H, W % multiple == 0."""
     if torch.jit.is_tracing():

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..bias import RelPosBias
 from ..conv import ConvNorm, fuse_conv_bn
+from ..misc import tensor_stamp
 
 Size = tuple[int, int]
 
@@ -125,14 +126,6 @@ def dw_matrix(weight: torch.Tensor, size: Size) -> torch.Tensor:
     return weight.flatten(1)[:, idx] * valid  # (C, N, N)
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    """What identifies a tensor's current contents: storage and version counter (inference tensors have none)."""
-    try:
-        return t.data_ptr(), t._version
-    except RuntimeError:
-        return t.data_ptr(), None
-
-
 class FusedCascadedGroupAttention(nn.Module):
     """Deploy form of ``CascadedGroupAttention``: same outputs, fewer and cheaper ops at small batch.
 
@@ -177,7 +170,7 @@ class FusedCascadedGroupAttention(nn.Module):
 
     def _dw_matrices(self, size: Size) -> list[torch.Tensor]:
         weights = [getattr(self, f"dw_weight{i}") for i in range(self.num_heads)]
-        key = tuple(_stamp(w) for w in weights)
+        key = tuple(tensor_stamp(w) for w in weights)
         hit = self._dw_cache.get(size)
         if hit is None or hit[0] != key:
             with torch.no_grad():

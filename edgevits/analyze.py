@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .allocator import reuse_freed_memory  # page faults would dominate memory-bound ops at large N (5x seen)
 from .flops import flop_counter
 from .layers.attention import REGISTRY
 
@@ -128,40 +129,6 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
         current += nbytes
         peak = max(peak, current)
     return peak
-
-
-# glibc mallopt parameters and their defaults (M_MMAP_THRESHOLD's default is dynamic, starting at 128 KiB)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_TOP_PAD: 0, _M_MMAP_THRESHOLD: 128 * 1024}
-
-
-@contextlib.contextmanager
-def reuse_freed_memory(enabled: bool = True):
-    """Keep freed heap memory in the process while timing (glibc only; yields whether it took effect).
-
-    PyTorch's CPU allocator hands tensors to malloc, and glibc returns large blocks to the kernel on free, so every
-    call touches fresh pages again. In a virtual machine those page faults are slow enough to dominate memory-bound
-    ops at large N (a fivefold jump between 6400 and 12544 tokens was seen here), which measures the allocator, not
-    the attention. Raising the mmap and trim thresholds keeps the pages mapped between calls, as a caching
-    allocator in a deployed runtime would. The glibc defaults are restored on exit.
-    """
-    libc = None
-    if enabled and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            libc = ctypes.CDLL("libc.so.6")
-            ok = all(libc.mallopt(k, v) == 1 for k, v in ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 1 << 31),
-                                                         (_M_TOP_PAD, 256 << 20)))
-        except (OSError, AttributeError):
-            libc, ok = None, False
-    else:
-        ok = False
-    try:
-        yield ok
-    finally:
-        if libc is not None:
-            for k, v in _GLIBC_DEFAULTS.items():
-                libc.mallopt(k, v)
 
 
 def fit_exponent(points: list[tuple[int, float]]) -> float | None:

@@ -215,14 +215,14 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
                     timm_model, model = _timm_twin(name, spec.img_size)
                 except BackendUnavailable as e:
                     notes.update({("timm", b): ("skipped", str(e)) for b in spec.backends})
-            if model is None:
-                model = create_model(name).eval()
+            if model is None:  # built for the bench's size, as the timm twin's is (EfficientViT's windows)
+                model = create_model(name, img_size=spec.img_size).eval()
             params = count_params(model)
             macs = count_macs(model, spec.img_size)
             deployed = fuse_model(model).to(spec.device, dtype)
             example = torch.randn(2, 3, spec.img_size, spec.img_size, device=spec.device, dtype=dtype)
             sources = ["edgevits"] + (["timm"] if spec.compare == "timm" else [])
-            nets = {"edgevits": deployed, "timm": timm_model.to(spec.device, dtype) if timm_model else None}
+            nets = {"edgevits": deployed, "timm": timm_model.to(spec.device, dtype) if timm_model is not None else None}
             for source in sources:
                 for backend in spec.backends:
                     if nets[source] is None:

@@ -147,17 +147,21 @@ def convert_state_dict(model: nn.Module, sd: StateDict) -> tuple[StateDict, str]
     return source.convert(sd), source.name
 
 
-def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: bool = True) -> dict:
+def load_checkpoint(model: nn.Module, src: str | os.PathLike | dict, strict: bool = True,
+                    meta: dict | None = None) -> dict:
     """Load weights from a path or state dict into ``model``, whatever its source format.
 
     Attention-bias tables stored at another resolution are resized to the model's. Raises ``CheckpointError``
     listing missing keys, unexpected keys and shape clashes (all of them, not just the first). Returns a report
     ``{"source": ..., "resized": [...], "missing": [...], "unexpected": [...], "ignored": [...], "wrapper": ...}``
-    (``wrapper``: the key of a training checkpoint the weights came from, such as ``"model"`` or ``"model_ema"``). A model
-    without a classifier (``num_classes=0``) or a ``features_only`` backbone takes a classification checkpoint:
-    the head (and, for a backbone, the final norm) weights it has no place for are ignored and listed.
+    (``wrapper``: the key of a training checkpoint the weights came from, such as ``"model"`` or
+    ``"model_ema"``). A model without a classifier (``num_classes=0``) or a ``features_only`` backbone takes a
+    classification checkpoint: the head (and, for a backbone, the final norm) weights it has no place for are
+    ignored and listed. ``meta``: the metadata of a state dict already read with ``read_checkpoint`` (its checks
+    then apply as if the file were passed).
     """
-    sd, meta = read_checkpoint(src)
+    sd, read_meta = read_checkpoint(src)
+    meta = {**read_meta, **(meta or {})}
     name = getattr(model, "model_name", "")
     if meta.get("model") and name and meta["model"] != name:
         raise CheckpointError(f"checkpoint was saved from {meta['model']!r}, but the model is {name!r}")

@@ -60,7 +60,7 @@ def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, i
     """Return a callable running ``model``'s deploy form on the fastest backend verified on this machine.
 
     With ``backend="auto"`` every candidate that can run here is built, checked against the PyTorch deploy form on
-    random batches of 1 and 2 images on the model's device and in its dtype (relative error <= ``atol``, default
+    random batches of two sizes (``batch_size`` and 2, or 1 when that is 2) on the model's device and in its dtype (relative error <= ``atol``, default
     ``PARITY_ATOL`` for the dtype, else rejected), and timed at ``batch_size`` (interleaved); the fastest wins.
     ONNX Runtime and OpenVINO run CPU float32 models only (rejected with that reason otherwise). A named backend
     is built and checked the same way (an error if it fails the check). Why each candidate was not used is kept in
@@ -75,7 +75,8 @@ def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, i
     names = candidates if backend == "auto" else (backend,)
     workdir = str(workdir or tempfile.mkdtemp(prefix="edgevits-deploy-"))
     x = torch.randn(batch_size, in_chans, h, w, device=device, dtype=dtype)  # timed; fixes compile's shapes
-    checks = [torch.randn(b, in_chans, h, w, device=device, dtype=dtype) for b in (1, 2)]
+    other = 2 if batch_size == 1 else 1  # parity at two batch sizes, one of them the timed one (compile's shapes)
+    checks = [x, torch.randn(other, in_chans, h, w, device=device, dtype=dtype)]
     with torch.inference_mode():
         refs = [deployed(c).float() for c in checks]
     runners, errors = {}, {}

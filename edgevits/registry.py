@@ -91,5 +91,5 @@ def create_model(name: str, *, checkpoint: Any = None, **overrides: Any) -> nn.M
     model.model_name = name
     if state is not None:
         from .checkpoint import load_checkpoint
-        load_checkpoint(model, state)
+        load_checkpoint(model, state, meta=meta)
     return model

@@ -133,3 +133,10 @@ def test_a_training_checkpoint_with_ema_and_raw_weights_loads_the_ema_ones_and_s
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.state_dict().values()))
     edgevits.load_checkpoint(model, torch.load(path, weights_only=True)["model"])  # the raw ones, on request
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), raw.state_dict().values()))
+
+
+def test_create_model_applies_the_same_checks_as_load_checkpoint(tmp_path):
+    path = edgevits.save_checkpoint(edgevits.create_model("swiftformer_xs", attention_revision="legacy"),
+                                    tmp_path / "legacy")
+    with pytest.raises(CheckpointError, match="attention_revision='legacy'"):
+        edgevits.create_model("swiftformer_xs", checkpoint=path, attention_revision="current")

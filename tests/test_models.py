@@ -241,3 +241,8 @@ def test_deploy_form_follows_an_in_place_change_of_its_bias_tables(name):
                 m.bias.copy_(gather_bias(m.table, m.table_size, *m.default_key))
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, expected(x), rtol=0, atol=0)
+
+
+def test_reset_classifier_on_a_backbone_is_refused():
+    with pytest.raises(ValueError, match="features_only"):
+        edgevits.create_model("swiftformer_xs", features_only=True).reset_classifier(10)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .misc import tensor_stamp
+
 
 def _probe() -> tuple[bool, bool]:
     """(fused kernels work, weight pre-packing works) on this build."""
@@ -78,7 +80,7 @@ class FusedLinear(nn.Linear):
         w = self.weight
         if not ONEDNN_PACK or w.is_inference():  # an inference tensor has no version counter to key a cache on
             return w
-        stamp = (w._version, w.data_ptr())
+        stamp = tensor_stamp(w)
         hit = self.__dict__.get("_onednn_packed")
         if hit is None or hit[0] != stamp:
             with torch.no_grad():
@@ -160,7 +162,7 @@ class FusedConv(nn.Module):
         w = c.weight
         if w.is_inference():  # no version counter to key a cache on: oneDNN reorders it per call
             return w
-        key = (w.data_ptr(), w._version, x.shape)
+        key = (tensor_stamp(w), x.shape)
         cached = self.__dict__.get("_onednn_packed")
         if cached is None or cached[0] != key:
             with torch.no_grad():

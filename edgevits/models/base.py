@@ -68,6 +68,9 @@ class ClassifierModel(nn.Module):
         ``config.num_classes`` follows, so a checkpoint saved afterwards records the new class count."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if self.config.features_only:
+            raise ValueError("a features_only model returns the stage outputs and has no classifier to reset; "
+                             "build it with features_only=False to classify")
         ref = next(itertools.chain(self.parameters(), self.buffers()))  # the device and dtype to build on
         self.num_classes = num_classes
         self.config = dataclasses.replace(self.config, num_classes=num_classes)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .export import _quiet, export_onnx, onnx_session, openvino_compiled
+from .export import GRAPH_FORMS, _quiet, export_onnx, graph_form, onnx_session, openvino_compiled
 
 BACKENDS = ("eager", "eager_cl", "compile", "onnxruntime", "openvino")
 GRAPH_BACKENDS = ("onnxruntime", "openvino")  # run an exported graph: CPU float32 models only
@@ -82,7 +82,8 @@ def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, work
         import openvino as ov
     except ImportError as e:
         raise BackendUnavailable("openvino is not installed (pip install 'edgevits[openvino]')") from e
-    onnx_path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse,
+    graph = graph_form(model, GRAPH_FORMS["openvino"]) if fuse else model.eval()
+    onnx_path = export_onnx(graph, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=False,
                             optimize=False)
     ov.save_model(ov.convert_model(str(onnx_path)), str(workdir / "model.xml"), compress_to_fp16=False)
     compiled = openvino_compiled(workdir / "model.xml", threads)
@@ -97,8 +98,10 @@ def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: 
                 workdir: str | Path | None = None, fuse: bool = True) -> Runner:
     """A callable ``x -> logits`` for ``model`` on ``backend``.
 
-    ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends; the exporters fuse it
-    when ``fuse`` is true (pass ``fuse=False`` for foreign models such as timm's). ``example`` fixes device, dtype
+    ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends. The graph backends
+    export an edgevits model (``fuse`` true) in the form their runtime runs fastest (``export.GRAPH_FORMS``: ONNX
+    Runtime the deploy form, fusing ``model`` if needed; OpenVINO the eval form, so pass the unfused model to get
+    it) and a foreign one (``fuse=False``, e.g. timm's) as it is. ``example`` fixes device, dtype
     and image size (ONNX/OpenVINO graphs keep a dynamic batch axis); ONNX Runtime and OpenVINO take CPU float32
     models only, and their runners convert any input to CPU float32 and return logits on the input's device and in
     its dtype. Raises ``BackendUnavailable``.

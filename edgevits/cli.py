@@ -141,24 +141,28 @@ def add_bench(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .export import ExportError, export
+    from .export import GRAPH_FORMS, ExportError, export
     from .registry import create_model
     overrides = {"img_size": args.img_size} if args.img_size else {}
     model = create_model(args.model, checkpoint=args.checkpoint, **overrides)
     out = args.output or f"{args.model}.{'onnx' if args.format == 'onnx' else 'xml'}"
     try:
-        path = export(model, out, format=args.format, img_size=args.img_size)
+        path = export(model, out, format=args.format, form=args.form, img_size=args.img_size)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {path} (deploy form, dynamic batch, checked against PyTorch at batch 1 and 3)")
+    form = args.form or GRAPH_FORMS[args.format]
+    print(f"wrote {path} ({form} form, dynamic batch, checked against PyTorch at batch 1 and 3)")
     return 0
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="export the deploy form to ONNX or OpenVINO, checked against PyTorch")
+    p = sub.add_parser("export", help="export to ONNX or OpenVINO, checked against PyTorch")
     p.add_argument("model")
     p.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    p.add_argument("--form", choices=["deploy", "eval"], default=None,
+                   help="graph to export: the deploy form (fuse_model) or the eval-mode model; default: the one "
+                        "the runtime runs fastest (ONNX: deploy, OpenVINO: eval, which it optimises itself)")
     p.add_argument("--checkpoint", default=None, help="weights to load (any supported format)")
     p.add_argument("--img-size", type=int, default=None, help="input size baked into the graph (default 224)")
     p.add_argument("--output", "-o", default=None, help="output file (default: MODEL.onnx / MODEL.xml)")

@@ -61,6 +61,20 @@ def test_openvino_export_round_trip(tmp_path):
     assert (tmp_path / "sf.xml").exists() and (tmp_path / "sf.bin").exists()
 
 
+@pytest.mark.parametrize("name, form", [("swiftformer_xs", "eval"), ("efficientformer_l1", "eval"),
+                                        ("efficientformerv2_s0", "eval"), ("efficientvit_m0", "eval"),
+                                        ("efficientvit_m0", "deploy")])
+def test_openvino_runs_either_graph_form_with_the_models_outputs(name, form, tmp_path):
+    # the eval form is the default for OpenVINO (it optimises it better than our eager-oriented deploy form)
+    pytest.importorskip("openvino")
+    from edgevits.export import export_openvino, openvino_compiled
+    model = _calibrated(name)
+    path = export_openvino(model, tmp_path / "m.xml", form=form)  # checks batch 1 and 3 itself (ExportError)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert_parity(torch.from_numpy(openvino_compiled(path)(x.numpy())[0]), model(x), 1e-4, 1e-4)
+
+
 def test_deploy_auto_equals_the_model():
     model = _calibrated("swiftformer_xs")
     runner = edgevits.deploy(model, candidates=("eager", "eager_cl", "onnxruntime"), repeats=3)

@@ -58,14 +58,15 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, int] | None = None,
            batch_size: int = 1, threads: int | None = None, candidates: tuple[str, ...] = AUTO_CANDIDATES,
            atol: float | None = None, repeats: int = 10, workdir: str | Path | None = None) -> Deployed:
-    """Return a callable running ``model``'s deploy form on the fastest backend verified on this machine.
+    """Return a callable running ``model`` on the fastest backend verified on this machine.
 
     With ``backend="auto"`` every candidate that can run here is built, checked against the PyTorch deploy form on
-    random batches of two sizes (``batch_size`` and 2, or 1 when that is 2) on the model's device and in its dtype (relative error <= ``atol``, default
-    ``PARITY_ATOL`` for the dtype, else rejected), and timed at ``batch_size`` (interleaved); the fastest wins.
-    ONNX Runtime and OpenVINO run CPU float32 models only (rejected with that reason otherwise). A named backend
-    is built and checked the same way (an error if it fails the check). Why each candidate was not used is kept in
-    ``Deployed.rejected``.
+    random batches of two sizes (``batch_size`` and 2, or 1 when that is 2) on the model's device and in its dtype
+    (relative error <= ``atol``, default ``PARITY_ATOL`` for the dtype, else rejected), and timed at
+    ``batch_size`` (interleaved); the fastest wins. The PyTorch candidates run the deploy form; ONNX Runtime and
+    OpenVINO the graph form each runs fastest (``export.GRAPH_FORMS``), for CPU float32 models only (rejected with
+    that reason otherwise). A named backend is built and checked the same way (an error if it fails the check).
+    Why each candidate was not used is kept in ``Deployed.rejected``.
     """
     from .bench import time_interleaved
     deployed = fuse_model(model)

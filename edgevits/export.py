@@ -1,4 +1,5 @@
-"""Export the deploy form to ONNX or OpenVINO, with a parity check against PyTorch that fails loudly."""
+"""Export to ONNX or OpenVINO (the deploy form, or the eval form where a runtime optimises that better), with a
+parity check against PyTorch that fails loudly."""
 from __future__ import annotations
 
 import contextlib
@@ -121,10 +122,11 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, chw: tuple[int, int, i
     return worst
 
 
-# The formulation each graph runtime runs fastest, measured (batch 1, 2 threads; see the README): OpenVINO folds
-# BatchNorms and fuses convolutions itself and runs the plain eval-form graph 5-25% faster than our deploy form,
-# whose channels-last GEMM reformulations (written for PyTorch eager) export as transposes and matmuls; ONNX Runtime
-# gains from the deploy form (EfficientViT's batched head projections: 4.4 vs 6.4 ms for M0).
+# The formulation each graph runtime runs fastest (``benchmarks/graph_forms.py``, batch 1, 2 threads): OpenVINO folds
+# BatchNorms and fuses convolutions itself and runs the plain eval-form graph 7-20% faster than our deploy form,
+# whose channels-last GEMM reformulations (written for PyTorch eager) export as transposes and matmuls. On ONNX
+# Runtime the deploy form wins where it batches work (EfficientViT's head projections: 6.1 vs 7.9 ms for M0) and
+# loses 4-9% elsewhere.
 GRAPH_FORMS = {"onnx": "deploy", "openvino": "eval"}
 
 

@@ -109,8 +109,7 @@ def _check_settings(model: nn.Module, sd: StateDict, meta: dict) -> None:
     for f in dataclasses.fields(config):
         if f.name in _FREE_FIELDS or f.name not in implied:
             continue
-        want, have = implied[f.name], getattr(config, f.name)
-        want = _as_tuples(want) if isinstance(want, list) else want
+        want, have = _as_tuples(implied[f.name]), getattr(config, f.name)
         if want != have:
             raise CheckpointError(
                 f"checkpoint was made with {f.name}={want!r} but the model was built with {have!r}; build it with "

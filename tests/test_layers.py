@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgevits.layers import (ConvNorm, DropPath, NormLinear, RelPosBias, bias_index, fuse_bn_conv, fuse_bn_linear,
                              fuse_linear_bn, resize_table)
+from edgevits.layers.misc import gelu_
 from edgevits.layers.onednn import FusedLinear
 
 
@@ -128,6 +129,24 @@ def test_fused_linear_equals_plain_ops_and_honours_weight_edits():
     y = lin(x.requires_grad_(), act="gelu")
     y.sum().backward()
     assert lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+def test_inplace_gelu_equals_gelu_in_every_layout(layout):
+    base = torch.randn(2, 48, 6, 5) * 30  # large values: the channels-last case used to take PyTorch's slow path
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    view = (lambda t: t[:, ::2]) if layout == "strided" else (lambda t: t)
+    x = view(base)
+    want = nn.functional.gelu(x)
+    with torch.no_grad():
+        y = view(base.clone(memory_format=torch.preserve_format))
+        out = gelu_(y)
+    assert out.data_ptr() == y.data_ptr() and out.stride() == x.stride()  # in place, layout kept
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    leaf = x.clone().requires_grad_()
+    gelu_(leaf).sum().backward()  # with autograd it is out of place and differentiable
+    assert leaf.grad is not None and torch.equal(leaf.detach(), x)
 
 
 def test_drop_path_is_identity_in_eval_and_keeps_the_mean_in_training():

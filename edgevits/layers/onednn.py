@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .misc import tensor_stamp
+from .misc import gelu_, tensor_stamp
 
 
 def _probe() -> tuple[bool, bool]:
@@ -180,12 +180,12 @@ class FusedConv(nn.Module):
             if residual is None:  # algorithm "none": the exact (erf) GELU
                 return op(x, *args, self.act or "none", [], "none" if self.act else None)
             y = op.binary(x, residual, *args, "add", 1.0, None, [], None)
-            return torch.ops.aten.gelu_(y) if self.act else y
+            return gelu_(y) if self.act else y
         y = c(x)
         if residual is not None:
             y = y + residual
         if self.act:
-            y = F.gelu(y) if torch.is_grad_enabled() and y.requires_grad else torch.ops.aten.gelu_(y)
+            y = gelu_(y)
         return y
 
     def __getstate__(self):  # deepcopy/pickle: leave the opaque packed weight behind, it is rebuilt on demand

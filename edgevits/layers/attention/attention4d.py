@@ -15,7 +15,7 @@ from torch import nn
 
 from ..bias import FrozenRelPosBias, RelPosBias
 from ..conv import ConvNorm, merge_convs
-from ..misc import to_2tuple
+from ..misc import gelu_, to_2tuple
 from ..onednn import FusedConv
 
 Size = tuple[int, int]
@@ -32,9 +32,7 @@ class InplaceGELU(nn.Module):
     maps exceed the L2 cache and a fresh buffer costs page faults)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return F.gelu(x)
-        return torch.ops.aten.gelu_(x)
+        return gelu_(x)
 
 
 def deploy_act(act: nn.Module) -> nn.Module:

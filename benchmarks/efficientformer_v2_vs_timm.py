@@ -151,11 +151,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ops", action="store_true", help="also print the op-level evidence (see the docstring)")
+    parser.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,
+                        help="raise glibc's malloc thresholds first (edgevits.tune_malloc; on by default, as in "
+                             "`edgevits bench`): it applies to the whole process, timm's model included")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tuned = edgevits.tune_malloc() if args.tune_malloc else False
     peak = gemm_peak_gmacs()
     print(f"batch 1, {args.size}x{args.size}, {args.threads} thread(s), torch {torch.__version__}, medians of "
-          f"{args.runs} interleaved calls (wall / thread CPU, ms); GEMM peak {peak:.1f} GMAC/s")
+          f"{args.runs} interleaved calls (wall / thread CPU, ms); GEMM peak {peak:.1f} GMAC/s; "
+          f"malloc tuned: {'yes' if tuned else 'no'}")
     print("| model | timm eager | edgevits eval form | edgevits deploy form | deploy speed-up (wall / CPU) "
           "| MACs at GEMM peak (ms) | max rel. error vs timm |")
     print("|---|---|---|---|---|---|---|")

@@ -131,6 +131,52 @@ def test_fused_linear_equals_plain_ops_and_honours_weight_edits():
     assert lin.weight.grad is not None
 
 
+@pytest.mark.parametrize("kind, act, residual, bias", [
+    ("1x1", None, False, True), ("1x1", "gelu", False, True), ("1x1", None, True, True), ("1x1", "gelu", True, False),
+    ("dw3x3", "gelu", False, True), ("dw3x3", "gelu", True, True), ("3x3s2", None, False, True)])
+def test_fused_conv_kernels_equal_plain_ops_and_follow_weight_edits(kind, act, residual, bias, monkeypatch):
+    from edgevits.layers import onednn
+    cin, cout = (16, 24) if kind != "dw3x3" else (16, 16)
+    conv = {"1x1": lambda: nn.Conv2d(cin, cout, 1, bias=bias),
+            "dw3x3": lambda: nn.Conv2d(cin, cout, 3, padding=1, groups=cin, bias=bias),
+            "3x3s2": lambda: nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=bias)}[kind]()
+    fused = onednn.FusedConv(conv, act)
+    cl = torch.channels_last
+    x = torch.randn(2, cin, 10, 12).contiguous(memory_format=cl)
+    out_hw = (5, 6) if kind == "3x3s2" else (10, 12)
+    r = torch.randn(2, cout, *out_hw).contiguous(memory_format=cl) if residual else None
+
+    def want():
+        y = conv(x) + (r if residual else 0)
+        return nn.functional.gelu(y) if act else y
+
+    thresholds = [onednn.GEMM_GELU_MAX, 0] if kind == "1x1" and act else [onednn.GEMM_GELU_MAX]
+    for limit in thresholds:  # a 1x1 conv with a GELU on a big map goes to oneDNN, on a small one to addmm
+        monkeypatch.setattr(onednn, "GEMM_GELU_MAX", limit)
+        with torch.inference_mode():
+            got = fused(x, r)
+        assert got.is_contiguous(memory_format=cl) and got.shape == (2, cout, *out_hw)
+        torch.testing.assert_close(got, want(), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            conv.weight.mul_(-0.5)  # the kernel's prepared copy of the weight must follow an in-place edit
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x, r), want(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_deploy_forward_with_autograd_takes_the_plain_ops_and_gives_gradients():
+    import edgevits
+    model = edgevits.create_model("efficientformerv2_s0", num_classes=10).eval()
+    fused = edgevits.fuse_model(model)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    fused(x).sum().backward()  # the oneDNN kernels have no autograd: a fused scope must not open here
+    want = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(want, x.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and counting FLOPs sees every op of the deploy form
+        assert edgevits.count_macs(fused, 64) > 0.9 * edgevits.count_macs(model, 64)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
 def test_inplace_gelu_equals_gelu_in_every_layout(layout):
     base = torch.randn(2, 48, 6, 5) * 30  # large values: the channels-last case used to take PyTorch's slow path

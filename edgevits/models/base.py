@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..layers import ChannelAffine, average_linears, check_image_input, to_2tuple
+from ..layers.onednn import fused_scope
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +122,13 @@ class ClassifierModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self.check_input(x)
+        if getattr(self, "is_deploy_form", False) and not torch.compiler.is_compiling() \
+                and not torch.jit.is_tracing():
+            with fused_scope(x):  # the fused kernels' global checks, once for the whole pass
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
         if self.config.features_only:
             return self.forward_stages(x)
         return self.forward_head(self.forward_features(x))

@@ -108,7 +108,11 @@ def test_frozen_bias_follows_a_loaded_table_at_every_size():
         assert torch.equal(frozen(size, size), other(size, size))
 
 
-def test_fused_linear_equals_plain_ops_and_honours_weight_edits():
+@pytest.mark.parametrize("gelu_on_onednn", [False, True])
+def test_fused_linear_equals_plain_ops_and_honours_weight_edits(gelu_on_onednn, monkeypatch):
+    from edgevits.layers import onednn
+    if gelu_on_onednn:  # a GELU on more than GEMM_GELU_MAX outputs runs fused in oneDNN's kernel
+        monkeypatch.setattr(onednn, "GEMM_GELU_MAX", 0)
     lin = FusedLinear(16, 32)
     x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 32)
     ref = nn.functional.linear(x, lin.weight, lin.bias)

@@ -1,10 +1,11 @@
-"""oneDNN's fused kernels for the eager deploy forms on CPU.
+"""The CPU kernels of the eager deploy forms: oneDNN's fused kernels and MKL's addmm.
 
 PyTorch's x86 (and most ARM) builds ship oneDNN linear and convolution kernels with an epilogue (a GELU or a
 residual add applied while the output is written), on weights pre-packed into oneDNN's blocked layout: the kernels
 ``torch.compile`` uses on CPU. They have no autograd and are invisible to exporters, compilers and FLOP counters,
-so ``FusedLinear`` and ``FusedConv`` use them only for plain float32 CPU inference in eager mode and run ordinary
-ops everywhere else (same results to float32 rounding).
+so ``FusedLinear`` and ``FusedConv`` use them (and, for matrix products, ``addmm`` on a cached transposed weight,
+which at batch 1 costs far less per call) only for plain float32 CPU inference in eager mode, and run ordinary ops
+everywhere else (same results to float32 rounding).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .misc import gelu_, tensor_stamp
+from .misc import gelu_
 
 
 def _probe() -> tuple[bool, bool]:
@@ -86,6 +87,43 @@ def _operands_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 _F32 = torch.float32
 
+# A layer with a GELU on more output values than this runs oneDNN's kernel with the GELU fused; below it (and
+# always without a GELU) MKL's addmm with the GELU as a separate in-place pass, which costs about 2 us per call
+# where a oneDNN call costs 15-25 us before any arithmetic (batch 1 on CPU; measured on EfficientFormerV2-S0 and
+# L1 as 5-6% and 3% of the whole forward pass).
+GEMM_GELU_MAX = 1 << 18
+
+
+def _prepared(owner: nn.Module, w: torch.Tensor, extra, prepare) -> torch.Tensor:
+    """``prepare(w)`` (a kernel's own copy of a weight: transposed or oneDNN-packed), cached on ``owner`` outside
+    its state dict, keyed on the weight's storage and version counter (so in-place edits are honoured) and on
+    ``extra``; the cache is dropped on copy, pickle and ``.to()``."""
+    if w.is_inference():  # no version counter to key a cache on: prepared per call
+        return prepare(w)
+    key = (w._version, w.data_ptr(), extra)
+    cached = owner.__dict__.get("_onednn_packed")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, prepare(w.detach()))
+        owner.__dict__["_onednn_packed"] = cached
+    return cached[1]
+
+
+def _gemm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, act: str | None,
+          residual: torch.Tensor | None) -> torch.Tensor:
+    """``act(x @ weight_t + bias + residual)`` on (rows, features) matrices, MKL's addmm plus in-place passes."""
+    if residual is None:
+        y = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    else:
+        y = torch.addmm(residual, x, weight_t)
+        if bias is not None:
+            y.add_(bias)
+    return torch.ops.aten.gelu_(y) if act else y
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1).t().contiguous()
+
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _operands_ok(x, weight) if getattr(_local, "depth", 0) else fused_kernels_usable(x, weight)
@@ -94,9 +132,11 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class FusedLinear(nn.Linear):
     """A Linear whose call can fuse a GELU or a residual add: ``self(x, act="gelu")``, ``self(x, residual=r)``.
 
-    The oneDNN-packed weight is an opaque tensor that can be neither saved nor deep-copied: it lives outside the
-    state dict in a cache that is dropped on copy/pickle/``.to()`` and rebuilt whenever the weight changes (keyed
-    on its version counter and storage, so an in-place edit is honoured).
+    In plain float32 CPU inference it runs ``addmm`` on a transposed copy of the weight (the residual as the
+    addend), or, for a GELU on more than ``GEMM_GELU_MAX`` output values, oneDNN's linear with the GELU fused on
+    a packed copy (an opaque tensor that can be neither saved nor deep-copied). Either copy lives outside the state
+    dict in a cache that is dropped on copy/pickle/``.to()`` and rebuilt whenever the weight changes (keyed on its
+    version counter and storage, so an in-place edit is honoured).
     """
 
     @classmethod
@@ -115,27 +155,22 @@ class FusedLinear(nn.Linear):
         from .conv import conv1x1_to_linear
         return cls.from_linear(conv1x1_to_linear(conv))
 
-    def _packed(self) -> torch.Tensor:
-        w = self.weight
-        if not ONEDNN_PACK or w.is_inference():  # an inference tensor has no version counter to key a cache on
-            return w
-        stamp = tensor_stamp(w)
-        hit = self.__dict__.get("_onednn_packed")
-        if hit is None or hit[0] != stamp:
-            with torch.no_grad():
-                hit = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-            self.__dict__["_onednn_packed"] = hit
-        return hit[1]
-
     def forward(self, x: torch.Tensor, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         if act not in (None, "gelu") or (act and residual is not None):
             raise ValueError("FusedLinear fuses either act='gelu' or a residual, not both")
         if ONEDNN_LINEAR and _usable(x, self.weight) and not (residual is not None and residual.requires_grad
                                                               and torch.is_grad_enabled()):
-            op = torch.ops.mkldnn._linear_pointwise
-            if residual is not None:
-                return op.binary(x, residual, self._packed(), self.bias, "add")
-            return op(x, self._packed(), self.bias, act or "none", [], "none")
+            out_shape = (*x.shape[:-1], self.out_features)
+            if act is None or x.numel() // self.in_features * self.out_features <= GEMM_GELU_MAX:
+                if residual is not None and residual.shape != out_shape:
+                    residual = residual.expand(out_shape)
+                rows = x.reshape(-1, self.in_features)
+                y = _gemm(rows, _prepared(self, self.weight, "gemm", _transposed), self.bias, act,
+                          None if residual is None else residual.reshape(rows.shape[0], -1))
+                return y.view(out_shape)
+            packed = _prepared(self, self.weight, "onednn", torch.ops.mkldnn._reorder_linear_weight) \
+                if ONEDNN_PACK else self.weight
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "gelu", [], "none")
         y = F.linear(x, self.weight, self.bias)
         if act == "gelu":
             return F.gelu(y)
@@ -173,10 +208,6 @@ if ONEDNN_CONV:  # the overloads themselves: resolving them through torch.ops on
     _CONV_ADD = torch.ops.mkldnn._convolution_pointwise.binary
 
 
-# A 1x1 conv whose GELU would run as a separate pass goes to oneDNN (GELU fused) above this many output values.
-GEMM_GELU_MAX = 1 << 18
-
-
 class FusedConv(nn.Module):
     """Deploy-form ``act(conv(x) + residual)`` (residual and act optional, act is None or exact GELU).
 
@@ -184,10 +215,8 @@ class FusedConv(nn.Module):
     autograd, tracing, export, compiling or FLOP counting), this runs one of two fast kernels:
 
     - a 1x1 conv (stride 1, no padding, one group) is a matrix product on the (B*H*W, C) view of the map (MKL's
-      ``addmm``, the residual as its addend; bias and GELU as in-place passes). At batch 1 a oneDNN convolution
-      call costs about 25 us before any arithmetic, ``addmm`` about 2 us; on EfficientFormerV2-S0 this measured
-      5-6% of the whole forward pass. Above ``GEMM_GELU_MAX`` output values a GELU pass costs more than that, and
-      such a conv stays on oneDNN.
+      ``addmm``, the residual as its addend; bias and GELU as in-place passes), unless it has a GELU on more than
+      ``GEMM_GELU_MAX`` output values (see there);
     - any other conv is one oneDNN convolution on a pre-packed weight with the GELU or the sum as a post-op (the
       kernels ``torch.compile`` uses on CPU), so the output map is written once. oneDNN takes no GELU after a sum;
       that GELU runs in place.
@@ -213,46 +242,21 @@ class FusedConv(nn.Module):
         return residual is None or (residual.is_contiguous(memory_format=_CL)
                                     and not (residual.requires_grad and torch.is_grad_enabled()))
 
-    def _kernel_weight(self, x: torch.Tensor, gemm: bool) -> torch.Tensor:
-        """The weight as the kernel wants it: (C_in, C_out) contiguous for ``addmm``, oneDNN-packed otherwise."""
-        w = self.conv.weight
-        if w.is_inference():  # no version counter to key a cache on: prepared per call
-            return w.reshape(w.shape[0], -1).t().contiguous() if gemm else w
-        key = (w._version, w.data_ptr(), None if gemm else x.shape)  # dropped on .to() / copy: no device needed
-        cached = self.__dict__.get("_onednn_packed")
-        if cached is None or cached[0] != key:
-            c = self.conv
-            with torch.no_grad():
-                if gemm:
-                    prepared = w.detach().reshape(w.shape[0], -1).t().contiguous()
-                else:
-                    prepared = torch.ops.mkldnn._reorder_convolution_weight(w.detach(), *self._geometry[:3],
-                                                                            c.groups, list(x.shape))
-            cached = (key, prepared)
-            self.__dict__["_onednn_packed"] = cached
-        return cached[1]
-
-    def _gemm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        b, _, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, -1)  # a view of a channels-last map
-        weight = self._kernel_weight(x, True)
-        if residual is None:
-            y = torch.mm(rows, weight) if c.bias is None else torch.addmm(c.bias, rows, weight)
-        else:
-            y = torch.addmm(residual.permute(0, 2, 3, 1).reshape(b * h * w, -1), rows, weight)
-            if c.bias is not None:
-                y.add_(c.bias)
-        if self.act:
-            torch.ops.aten.gelu_(y)
-        return y.view(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last strides
+        return _prepared(self, c.weight, x.shape, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+            w, *self._geometry[:3], c.groups, list(x.shape)))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conv
         if self._onednn_ok(x, residual):
             if self._pointwise and (self.act is None or x.numel() // x.shape[1] * c.out_channels <= GEMM_GELU_MAX):
-                return self._gemm(x, residual)
-            args = (self._kernel_weight(x, False), c.bias, *self._geometry)
+                b, _, h, w = x.shape  # a matrix product on the (B*H*W, C) rows of the channels-last map (views)
+                rows = x.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+                res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+                y = _gemm(rows, _prepared(self, c.weight, "gemm", _transposed), c.bias, self.act, res)
+                return y.view(b, h, w, -1).permute(0, 3, 1, 2)  # channels-last strides
+            args = (self._packed(x), c.bias, *self._geometry)
             if residual is None:  # algorithm "none": the exact (erf) GELU
                 return _CONV(x, *args, self.act or "none", [], "none" if self.act else None)
             y = _CONV_ADD(x, residual, *args, "add", 1.0, None, [], None)

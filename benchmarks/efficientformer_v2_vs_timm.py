@@ -111,13 +111,15 @@ def op_report(variant: str = "s0", size: int = 224) -> None:
     z = torch.randn(1, 1024, 7, 7)  # the stride attention's output before its x2 upsample (S0 and L)
     h = torch.randn(1, 128, 56, 56)  # the FFN's hidden map in S0's first stage
     w = torch.randn(128, 1, 3, 3)
+    big = torch.randn(1, 1024, 14, 14) * 30  # the stride attention's GELU input; large activations as in the model
     print("| op (batch 1) | channels-first (ms) | channels-last (ms) |")
     print("|---|---|---|")
-    for label, fn in [
-        ("bilinear x2 upsample, 1024x7x7", lambda t: F.interpolate(t, scale_factor=2, mode="bilinear")),
-        ("depthwise 3x3 conv, 128x56x56", lambda t: F.conv2d(t, w, padding=1, groups=128)),
+    for label, t, fn in [
+        ("bilinear x2 upsample, 1024x7x7", z, lambda t: F.interpolate(t, scale_factor=2, mode="bilinear")),
+        ("depthwise 3x3 conv, 128x56x56", h, lambda t: F.conv2d(t, w, padding=1, groups=128)),
+        ("exact GELU (F.gelu), 1024x14x14", big, F.gelu),
+        ("exact GELU on the (B, H, W, C) view, 1024x14x14", big, lambda t: F.gelu(t.permute(0, 2, 3, 1))),
     ]:
-        t = z if "upsample" in label else h
         tc = t.contiguous(memory_format=cl)
         print(f"| {label} | {_cpu_ms(lambda: fn(t)):.3f} | {_cpu_ms(lambda: fn(tc)):.3f} |")
 

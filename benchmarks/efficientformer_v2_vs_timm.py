@@ -146,6 +146,42 @@ def op_report(variant: str = "s0", size: int = 224) -> None:
         print(f"| {e.key} | {e.count // 5} | {e.self_cpu_time_total / total:.1%} |")
 
 
+_GEMM_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::_slow_conv2d_forward"}
+
+
+@torch.inference_mode()
+def split_report(variants: list[str], size: int = 224) -> None:
+    """Print each model's op time (torch.profiler self CPU time per forward) split into matrix products (MKL:
+    ``addmm``/``mm``/``bmm``/``baddbmm`` and ``_slow_conv2d_forward``, PyTorch's batch-1 1x1 conv), oneDNN
+    convolutions and everything else, for timm's eager model and our deploy form."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print("| model | timm: all ops | timm: GEMM | ours: all ops | ours: GEMM | ours: oneDNN convs | ours: the rest |")
+    print("|---|---|---|---|---|---|---|")
+    for v in variants:
+        name = f"efficientformerv2_{v}"
+        ref = import_timm().create_model(name)
+        randomize_(ref)
+        calibrate_bn(ref, [torch.randn(2, 3, size, size)])
+        ours = edgevits.fuse_model(edgevits.create_model(name, checkpoint=ref.eval().state_dict()).eval())
+        x = torch.randn(1, 3, size, size)
+        cells = []
+        for model in (ref, ours):
+            for _ in range(3):
+                model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    model(x)
+            split = {"all": 0.0, "gemm": 0.0, "conv": 0.0, "other": 0.0}
+            for e in prof.key_averages():
+                ms = e.self_cpu_time_total / 10 / 1e3
+                kind = "gemm" if e.key in _GEMM_OPS else "conv" if "convolution" in e.key else "other"
+                split["all"] += ms
+                split[kind] += ms
+            cells += [split["all"], split["gemm"]] + ([split["conv"], split["other"]] if model is ours else [])
+        print(f"| {v.upper()} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["s0", "s1", "s2", "l"])
@@ -153,6 +189,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ops", action="store_true", help="also print the op-level evidence (see the docstring)")
+    parser.add_argument("--split", action="store_true",
+                        help="also split each model's op time into matrix products, oneDNN convs and the rest")
     parser.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,
                         help="raise glibc's malloc thresholds first (edgevits.tune_malloc; on by default, as in "
                              "`edgevits bench`): it applies to the whole process, timm's model included")
@@ -172,6 +210,9 @@ def main() -> None:
         speed = f"{r['timm_wall_ms'] / r['deploy_wall_ms']:.2f}x / {r['timm_cpu_ms'] / r['deploy_cpu_ms']:.2f}x"
         print(f"| {r['model']} | {' | '.join(cells)} | {speed} | {r['gmacs'] / peak * 1e3:.1f} "
               f"| {r['max_rel_err']:.1e} |", flush=True)
+    if args.split:
+        print()
+        split_report(args.models, args.size)
     if args.ops:
         print()
         op_report(args.models[0], args.size)

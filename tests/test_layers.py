@@ -167,6 +167,23 @@ def test_fused_conv_kernels_equal_plain_ops_and_follow_weight_edits(kind, act, r
             torch.testing.assert_close(fused(x, r), want(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_fused_under_inference_mode_keeps_its_prepared_weights_between_calls():
+    import edgevits
+    from edgevits.layers import onednn
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model = edgevits.create_model("efficientformerv2_s0", num_classes=10).eval()
+        fused = edgevits.fuse_model(model)
+        assert not any(t.is_inference() for t in itertools.chain(fused.parameters(), fused.buffers()))
+        first = fused(x)
+        layers = [m for m in fused.modules() if isinstance(m, (onednn.FusedConv, onednn.FusedLinear))]
+        prepared = [m.__dict__.get("_onednn_packed") for m in layers]
+        assert all(p is not None for p in prepared) or not onednn.ONEDNN_CONV
+        torch.testing.assert_close(fused(x), first, rtol=0, atol=0)
+        assert all(m.__dict__.get("_onednn_packed") is p for m, p in zip(layers, prepared))  # cached, not re-made
+        torch.testing.assert_close(first, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_deploy_forward_with_autograd_takes_the_plain_ops_and_gives_gradients():
     import edgevits
     model = edgevits.create_model("efficientformerv2_s0", num_classes=10).eval()

@@ -152,7 +152,8 @@ _GEMM_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::_sl
 @torch.inference_mode()
 def split_report(variants: list[str], size: int = 224) -> None:
     """Print each model's op time (torch.profiler self CPU time per forward) split into matrix products (MKL:
-    ``addmm``/``mm``/``bmm``/``baddbmm`` and ``_slow_conv2d_forward``, PyTorch's batch-1 1x1 conv), oneDNN
+    ``addmm``/``mm``/``bmm``/``baddbmm`` and ``_slow_conv2d_forward``, PyTorch's batch-1 1x1 conv on one thread;
+    with more threads PyTorch sends those convs to oneDNN and timm's GEMM column undercounts), oneDNN
     convolutions and everything else, for timm's eager model and our deploy form."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import statistics
 import tempfile
 import time
@@ -66,7 +67,9 @@ def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, i
     ``batch_size`` (interleaved); the fastest wins. The PyTorch candidates run the deploy form; ONNX Runtime and
     OpenVINO the graph form each runs fastest (``export.GRAPH_FORMS``), for CPU float32 models only (rejected with
     that reason otherwise). A named backend is built and checked the same way (an error if it fails the check).
-    Why each candidate was not used is kept in ``Deployed.rejected``.
+    Why each candidate was not used is kept in ``Deployed.rejected``. Without ``workdir`` the exported graphs go to
+    a temporary folder, of which only the chosen graph backend's files are kept (``Deployed.workdir``; None when a
+    PyTorch backend wins).
     """
     from .bench import time_interleaved
     deployed = fuse_model(model)
@@ -75,6 +78,7 @@ def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, i
     h, w = to_2tuple(img_size or getattr(getattr(model, "config", None), "img_size", 224))
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     names = candidates if backend == "auto" else (backend,)
+    own_workdir = workdir is None  # ours to tidy: only the chosen graph backend's files are kept
     workdir = str(workdir or tempfile.mkdtemp(prefix="edgevits-deploy-"))
     x = torch.randn(batch_size, in_chans, h, w, device=device, dtype=dtype)  # timed; fixes compile's shapes
     other = 2 if batch_size == 1 else 1  # parity at two batch sizes, one of them the timed one (compile's shapes)
@@ -109,4 +113,11 @@ def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, i
         raise RuntimeError(f"no backend could run {type(model).__name__}: {errors}")
     timings = {n: statistics.median(t) * 1e3 for n, t in times.items()}
     best = min(timings, key=timings.get)
+    if own_workdir:  # the candidates' exported graphs would otherwise pile up in the temp folder, call after call
+        for name in names:
+            if name != best:
+                shutil.rmtree(Path(workdir) / name, ignore_errors=True)
+        if best not in GRAPH_BACKENDS:
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir = None
     return Deployed(runners[best], best, deployed, (h, w), timings, errors, workdir)

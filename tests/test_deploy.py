@@ -3,6 +3,7 @@ import csv
 import importlib
 import json
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,10 @@ def test_deploy_auto_equals_the_model():
     model = _calibrated("swiftformer_xs")
     runner = edgevits.deploy(model, candidates=("eager", "eager_cl", "onnxruntime"), repeats=3)
     assert runner.backend in runner.timings_ms
+    if runner.backend == "onnxruntime":  # the temporary exports: only the chosen backend's are kept
+        assert [p.name for p in Path(runner.workdir).iterdir()] == ["onnxruntime"]
+    else:
+        assert runner.workdir is None
     for shape in [(2, 3, 224, 224), (1, 3, 160, 160)]:  # another size runs on the PyTorch deploy form
         x = torch.randn(*shape)
         with torch.no_grad():

@@ -177,11 +177,34 @@ def test_a_model_fused_under_inference_mode_keeps_its_prepared_weights_between_c
         assert not any(t.is_inference() for t in itertools.chain(fused.parameters(), fused.buffers()))
         first = fused(x)
         layers = [m for m in fused.modules() if isinstance(m, (onednn.FusedConv, onednn.FusedLinear))]
-        prepared = [m.__dict__.get("_onednn_packed") for m in layers]
-        assert all(p is not None for p in prepared) or not onednn.ONEDNN_CONV
+        prepared = [dict(m.__dict__.get("_onednn_packed", {})) for m in layers]
+        assert all(prepared) or not onednn.ONEDNN_CONV
         torch.testing.assert_close(fused(x), first, rtol=0, atol=0)
-        assert all(m.__dict__.get("_onednn_packed") is p for m, p in zip(layers, prepared))  # cached, not re-made
+        for m, before in zip(layers, prepared):  # cached, not re-made
+            after = m.__dict__.get("_onednn_packed", {})
+            assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
         torch.testing.assert_close(first, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_layers_broadcast_a_residual_as_the_plain_ops_do():
+    from edgevits.layers import onednn
+    conv = onednn.FusedConv(nn.Conv2d(8, 16, 1))
+    lin = FusedLinear(8, 16)
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(1, 16, 1, 1).contiguous(memory_format=torch.channels_last)  # broadcasts over batch and map
+    t, rt = torch.randn(2, 7, 8), torch.randn(16)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x, r), conv.conv(x) + r)
+        torch.testing.assert_close(lin(t, residual=rt), nn.functional.linear(t, lin.weight, lin.bias) + rt)
+        torch.testing.assert_close(lin(t, residual=rt.double()), nn.functional.linear(t, lin.weight, lin.bias) + rt.double())
+
+
+def test_unfreezing_one_layer_of_a_deploy_model_gives_it_a_gradient():
+    import edgevits
+    fused = edgevits.fuse_model(edgevits.create_model("efficientformerv2_s0", num_classes=10).eval())
+    first = fused.stem[0].conv.weight.requires_grad_(True)  # every layer after it gets an input needing a gradient
+    fused(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert first.grad is not None and first.grad.abs().sum() > 0
 
 
 def test_a_deploy_forward_with_autograd_takes_the_plain_ops_and_gives_gradients():

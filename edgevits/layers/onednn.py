@@ -80,9 +80,11 @@ def fused_scope(x: torch.Tensor):
 
 
 def _operands_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """What ``fused_kernels_usable`` still asks of one layer inside a ``fused_scope``."""
+    """What ``fused_kernels_usable`` still asks of one layer inside a ``fused_scope``: its own operands (a layer
+    after an unfrozen one gets an input that needs a gradient) and whether a part of the model is being compiled."""
     return (x.dtype is _F32 and weight.dtype is _F32 and x.is_cpu
-            and not (weight.requires_grad and torch.is_grad_enabled()))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling())
 
 
 _F32 = torch.float32
@@ -94,19 +96,19 @@ _F32 = torch.float32
 GEMM_GELU_MAX = 1 << 18
 
 
-def _prepared(owner: nn.Module, w: torch.Tensor, extra, prepare) -> torch.Tensor:
-    """``prepare(w)`` (a kernel's own copy of a weight: transposed or oneDNN-packed), cached on ``owner`` outside
-    its state dict, keyed on the weight's storage and version counter (so in-place edits are honoured) and on
-    ``extra``; the cache is dropped on copy, pickle and ``.to()``."""
+def _prepared(owner: nn.Module, w: torch.Tensor, kind: str, prepare, extra=None) -> torch.Tensor:
+    """``prepare(w)``, a kernel's own copy of a weight (``kind``: "gemm" transposed, "onednn" packed), cached on
+    ``owner`` outside its state dict, one entry per kind, keyed on the weight's storage and version counter (so
+    in-place edits are honoured) and on ``extra``; the cache is dropped on copy, pickle and ``.to()``."""
     if w.is_inference():  # no version counter to key a cache on: prepared per call
         return prepare(w)
     key = (w._version, w.data_ptr(), extra)
-    cached = owner.__dict__.get("_onednn_packed")
-    if cached is None or cached[0] != key:
+    cache = owner.__dict__.setdefault("_onednn_packed", {})
+    hit = cache.get(kind)
+    if hit is None or hit[0] != key:
         with torch.no_grad():
-            cached = (key, prepare(w.detach()))
-        owner.__dict__["_onednn_packed"] = cached
-    return cached[1]
+            hit = cache[kind] = (key, prepare(w.detach()))
+    return hit[1]
 
 
 def _gemm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, act: str | None,
@@ -158,12 +160,11 @@ class FusedLinear(nn.Linear):
     def forward(self, x: torch.Tensor, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         if act not in (None, "gelu") or (act and residual is not None):
             raise ValueError("FusedLinear fuses either act='gelu' or a residual, not both")
-        if ONEDNN_LINEAR and _usable(x, self.weight) and not (residual is not None and residual.requires_grad
-                                                              and torch.is_grad_enabled()):
-            out_shape = (*x.shape[:-1], self.out_features)
+        out_shape = (*x.shape[:-1], self.out_features)
+        if ONEDNN_LINEAR and _usable(x, self.weight) and (residual is None or (
+                residual.shape == out_shape and residual.dtype is _F32
+                and not (residual.requires_grad and torch.is_grad_enabled()))):
             if act is None or x.numel() // self.in_features * self.out_features <= GEMM_GELU_MAX:
-                if residual is not None and residual.shape != out_shape:
-                    residual = residual.expand(out_shape)
                 rows = x.reshape(-1, self.in_features)
                 y = _gemm(rows, _prepared(self, self.weight, "gemm", _transposed), self.bias, act,
                           None if residual is None else residual.reshape(rows.shape[0], -1))
@@ -233,19 +234,28 @@ class FusedConv(nn.Module):
         self.conv = conv
         self.act = act
         self._geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        self._pointwise = (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-                           and conv.padding in ((0, 0), "valid"))
+        self._fast = not isinstance(conv.padding, str) and conv.padding_mode == "zeros"  # the kernels' geometry
+        self._pointwise = (self._fast and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+                           and conv.padding == (0, 0))
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        (ph, pw), (sh, sw), (dh, dw), _ = self._geometry
+        kh, kw = self.conv.kernel_size
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _onednn_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        if not ONEDNN_CONV or not _usable(x, self.conv.weight) or not x.is_contiguous(memory_format=_CL):
+        if not (ONEDNN_CONV and self._fast and _usable(x, self.conv.weight) and x.is_contiguous(memory_format=_CL)):
             return False
-        return residual is None or (residual.is_contiguous(memory_format=_CL)
-                                    and not (residual.requires_grad and torch.is_grad_enabled()))
+        if residual is None:
+            return True
+        return (residual.dtype is _F32 and residual.is_contiguous(memory_format=_CL)
+                and not (residual.requires_grad and torch.is_grad_enabled())
+                and residual.shape == (x.shape[0], self.conv.out_channels, *self._out_size(*x.shape[-2:])))
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return _prepared(self, c.weight, x.shape, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            w, *self._geometry[:3], c.groups, list(x.shape)))
+        return _prepared(self, c.weight, "onednn", lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+            w, *self._geometry[:3], c.groups, list(x.shape)), extra=x.shape)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conv

@@ -47,29 +47,38 @@ def _dispatch_mode_active() -> bool:
         return True
 
 
-def fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Plain float32 CPU inference in eager mode, nobody tracing, exporting, compiling or counting."""
-    return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-            and not getattr(torch.compiler, "is_exporting", lambda: False)()
-            and not torch.onnx.is_in_onnx_export() and not _dispatch_mode_active())
-
-
+_F32 = torch.float32
 _local = threading.local()
 
 
-@contextlib.contextmanager
-def fused_scope(x: torch.Tensor):
-    """Run the enclosed forward pass with the global checks of ``fused_kernels_usable`` made once, for ``x``.
+def _watched() -> bool:
+    """Somebody is tracing, scripting, exporting or counting the ops (global state, the same for a whole pass)."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting()
+            or getattr(torch.compiler, "is_exporting", lambda: False)()
+            or torch.onnx.is_in_onnx_export() or _dispatch_mode_active())
 
-    A deploy model's ``forward`` enters this around its whole pass. While it is active on this thread (and only
-    if ``x`` passed the checks: CPU float32, no gradient through it, nobody tracing, exporting, compiling or
-    counting), ``FusedConv`` and ``FusedLinear`` skip those checks and look only at their own operands (dtype,
-    layout, whether their weight needs a gradient). The checks cost 5-7 us per layer, which measured 7% of
-    EfficientFormerV2-S0's batch-1 latency on one thread. Elsewhere each layer checks for itself, as before.
+
+def fused_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Plain float32 CPU inference in eager mode, nobody tracing, exporting, compiling or counting.
+
+    The operands' own conditions are checked on every call; the global ones (``_watched``) only outside a
+    ``fused_scope``, which has made them once for the whole pass."""
+    return (ONEDNN_LINEAR and x.dtype is _F32 and weight.dtype is _F32 and x.is_cpu
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling()  # per call: a part of the model may be compiled inside a scope
+            and (getattr(_local, "depth", 0) > 0 or not _watched()))
+
+
+@contextlib.contextmanager
+def fused_scope():
+    """Run the enclosed forward pass with the global checks of ``fused_kernels_usable`` made once.
+
+    A deploy model's ``forward`` enters this around its whole pass. While it is active on this thread (and only if
+    nobody is tracing, exporting, compiling or counting when it is entered), ``FusedConv`` and ``FusedLinear`` look
+    only at their own operands (dtype, device, whether the input or weight needs a gradient). The global checks
+    cost 5-7 us per layer, which measured 7% of EfficientFormerV2-S0's batch-1 latency on one thread.
     """
-    if not (fused_kernels_usable(x, x) and not (torch.is_grad_enabled() and x.requires_grad)):
+    if not ONEDNN_LINEAR or torch.compiler.is_compiling() or _watched():
         yield
         return
     _local.depth = getattr(_local, "depth", 0) + 1
@@ -78,16 +87,6 @@ def fused_scope(x: torch.Tensor):
     finally:
         _local.depth -= 1
 
-
-def _operands_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """What ``fused_kernels_usable`` still asks of one layer inside a ``fused_scope``: its own operands (a layer
-    after an unfrozen one gets an input that needs a gradient) and whether a part of the model is being compiled."""
-    return (x.dtype is _F32 and weight.dtype is _F32 and x.is_cpu
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling())
-
-
-_F32 = torch.float32
 
 # A layer with a GELU on more output values than this runs oneDNN's kernel with the GELU fused; below it (and
 # always without a GELU) MKL's addmm with the GELU as a separate in-place pass, which costs about 2 us per call
@@ -127,10 +126,6 @@ def _transposed(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1).t().contiguous()
 
 
-def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return _operands_ok(x, weight) if getattr(_local, "depth", 0) else fused_kernels_usable(x, weight)
-
-
 class FusedLinear(nn.Linear):
     """A Linear whose call can fuse a GELU or a residual add: ``self(x, act="gelu")``, ``self(x, residual=r)``.
 
@@ -161,7 +156,7 @@ class FusedLinear(nn.Linear):
         if act not in (None, "gelu") or (act and residual is not None):
             raise ValueError("FusedLinear fuses either act='gelu' or a residual, not both")
         out_shape = (*x.shape[:-1], self.out_features)
-        if ONEDNN_LINEAR and _usable(x, self.weight) and (residual is None or (
+        if fused_kernels_usable(x, self.weight) and (residual is None or (
                 residual.shape == out_shape and residual.dtype is _F32
                 and not (residual.requires_grad and torch.is_grad_enabled()))):
             if act is None or x.numel() // self.in_features * self.out_features <= GEMM_GELU_MAX:
@@ -244,7 +239,8 @@ class FusedConv(nn.Module):
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _onednn_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        if not (ONEDNN_CONV and self._fast and _usable(x, self.conv.weight) and x.is_contiguous(memory_format=_CL)):
+        if not (ONEDNN_CONV and self._fast and fused_kernels_usable(x, self.conv.weight)
+                and x.is_contiguous(memory_format=_CL)):
             return False
         if residual is None:
             return True

@@ -118,12 +118,49 @@ def calibrated(model: nn.Module, seed: int = 0, batches: int = 2, batch_size: in
     return calibrate_bn(model, [torch.randn(batch_size, 3, h, w, generator=g) for _ in range(batches)])
 
 
-def assert_parity(out: torch.Tensor, ref: torch.Tensor, logits_tol: float = 1e-5, centred_tol: float = 1e-4) -> None:
-    """Assert that ``out`` equals ``ref`` (relative error of the logits and of their input-dependent part), and
-    that the comparison can see anything: the reference logits must depend on the input."""
-    logits, centred = parity(out, ref)
-    assert logits <= logits_tol and centred <= centred_tol, (logits, centred)
-    assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "logits do not depend on the input"
+# The float32 tolerance of the test suite: a multiple of the rounding actually present, never a constant tuned on
+# one CPU. Two float32 computations of the same function (the deploy form and the eval form, ours and timm's, an
+# exported graph and PyTorch) both sit at some distance from the exact result, and that distance depends on the CPU's
+# kernels (AVX-512, AVX2, SSE4 and oneDNN/MKL code paths round differently). The yardstick is the reference
+# computation's own float32 error on that very input: its distance from the same computation in float64. The output
+# under test may be at most PARITY_FACTOR times as far from the float64 result.
+#
+# How the factor was chosen (benchmarks/float32_rounding.py): over all 17 variants (randomised, BN-calibrated) at
+# 64, 96, 128, 160 and 224 pixels, on an AMD EPYC (AVX2) natively and with SSE4 numerics (ATEN_CPU_CAPABILITY=default
+# ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2), the deploy form's error was 0.2-2.4 times the eval form's
+# in 134 of 136 cases, and 5.0 and 7.1 times in the two worst (EfficientViT-M0 at 96 and M1 at 64, whose windowed,
+# batched deploy form rounds in another order); ours loaded with timm's weights was 0.96-1.03 times timm's own error;
+# ONNX Runtime and OpenVINO exports 0.5-2.3 times. A factor of 10 sits above all of them. The yardstick itself is
+# 3e-7 (SwiftFormer) to 5e-5 (EfficientViT-M5) of the largest logit, so the bound still fails a mistake of 1e-4 on
+# every family's smallest variant (tests/test_models.py checks that it does).
+PARITY_FACTOR = 10.0
+UNIT_ROUNDOFF = 2.0 ** -24  # float32: no float32 result can be closer to the exact one than this, relatively
+
+
+def float64_reference(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``module`` run in float64 on float64 copies of ``inputs`` (a deep copy: ``module`` is untouched)."""
+    import copy
+    with torch.no_grad():
+        return logits_of(copy.deepcopy(module).double()(*(x.double() for x in inputs)))
+
+
+def assert_parity(out: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor, factor: float = PARITY_FACTOR,
+                  check_dependence: bool = True) -> None:
+    """Assert that the float32 result ``out`` equals the float32 reference ``ref`` to the rounding present.
+
+    ``ref64`` is the reference computed in float64 on the same input. The bound: ``out`` may be at most ``factor``
+    times as far from ``ref64`` as ``ref`` itself is (relative to the largest value), for the values and for their
+    input-dependent part (values minus their mean over the first axis, the batch), each yardstick floored at
+    float32's unit roundoff. With ``check_dependence`` the reference must depend on the input (batch items differ),
+    so that the comparison can see anything.
+    """
+    noise, err = parity(ref, ref64), parity(out, ref64)
+    bound = tuple(factor * max(n, UNIT_ROUNDOFF) for n in noise)
+    assert err[0] <= bound[0] and err[1] <= bound[1], (
+        f"relative error (values, centred) {err[0]:.2e}, {err[1]:.2e} > bound {bound[0]:.2e}, {bound[1]:.2e} "
+        f"({factor:g} x the reference's own float32 error {noise[0]:.2e}, {noise[1]:.2e})")
+    if check_dependence:
+        assert (ref - ref.mean(0)).abs().max() > 1e-3 * ref.abs().max(), "the values do not depend on the input"
 
 
 def logits_of(out) -> torch.Tensor:

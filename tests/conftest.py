@@ -1,7 +1,10 @@
+import functools
 import os
 
 import pytest
 import torch
+
+from edgevits.testing import calibrated, import_timm
 
 torch.set_num_threads(max(1, int(os.environ.get("EDGEVITS_TEST_THREADS", "1"))))
 
@@ -9,3 +12,17 @@ torch.set_num_threads(max(1, int(os.environ.get("EDGEVITS_TEST_THREADS", "1"))))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@functools.cache
+def _timm_reference(name: str, img_size: int | None = None):
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    size = img_size or 224
+    return calibrated(import_timm().create_model(name, **kwargs), batches=1, batch_size=4, size=size)
+
+
+@pytest.fixture(scope="session")
+def timm_reference():
+    """``timm_reference(name, img_size=None)``: timm's model with randomised weights and calibrated BatchNorms
+    (built once per worker; do not change it)."""
+    return _timm_reference

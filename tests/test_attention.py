@@ -14,13 +14,19 @@ from edgevits.analyze import (_crossing, add_analyze, analyze_attention, analyze
                               plot_attention)
 from edgevits.layers.attention import (REGISTRY, AdditiveAttention, MapToTokens, SeparableAttention,
                                        TokensToMap, TransposedAttention)
-from edgevits.testing import calibrate_bn, import_timm, parity, randomize_
+from edgevits.testing import assert_parity, calibrate_bn, import_timm, parity, randomize_
 
 DIM = 32
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+def _matches(module, formula, x, reference=None):
+    """``module(x)`` equals ``formula(reference or module, x)`` to the float32 rounding present (the formula, run on
+    a float64 copy, gives the yardstick)."""
+    import copy
+    reference = module if reference is None else reference
+    with torch.no_grad():
+        ref64 = formula(copy.deepcopy(reference).double(), x.double())
+        assert_parity(module(x), formula(reference, x), ref64, check_dependence=False)
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -50,18 +56,18 @@ def test_additive_attention_matches_the_formula_in_both_revisions():
     torch.manual_seed(0)
     x = torch.randn(2, 9, DIM)
     for revision in ("current", "legacy"):
-        attn = AdditiveAttention(DIM, revision=revision)
-        q = F.normalize(x @ attn.to_query.weight.T + attn.to_query.bias, dim=-1)
-        k = F.normalize(x @ attn.to_key.weight.T + attn.to_key.bias, dim=-1)
-        if revision == "current":
-            a = (q @ attn.w_g) / math.sqrt(DIM)  # (B, N, 1)
-            a = a / a.norm(dim=1, keepdim=True)  # L2 over the tokens
-        else:
-            a = torch.ones(2, 9, 1)  # softmax over a size-1 axis
-        g = (a * q).sum(dim=1, keepdim=True)
-        inner = (g * k) @ attn.proj.weight.T + attn.proj.bias + q
-        ref = inner @ attn.final.weight.T + attn.final.bias
-        assert _rel(attn(x), ref) < 1e-6, revision
+        def formula(attn, x):
+            q = F.normalize(x @ attn.to_query.weight.T + attn.to_query.bias, dim=-1)
+            k = F.normalize(x @ attn.to_key.weight.T + attn.to_key.bias, dim=-1)
+            if revision == "current":
+                a = (q @ attn.w_g) / math.sqrt(DIM)  # (B, N, 1)
+                a = a / a.norm(dim=1, keepdim=True)  # L2 over the tokens
+            else:
+                a = torch.ones(2, 9, 1, dtype=x.dtype)  # softmax over a size-1 axis
+            g = (a * q).sum(dim=1, keepdim=True)
+            inner = (g * k) @ attn.proj.weight.T + attn.proj.bias + q
+            return inner @ attn.final.weight.T + attn.final.bias
+        _matches(AdditiveAttention(DIM, revision=revision), formula, x)
 
 
 def test_legacy_additive_attention_ignores_w_g():
@@ -78,14 +84,16 @@ def test_separable_attention_matches_the_formula():
     torch.manual_seed(0)
     attn = SeparableAttention(DIM)
     x = torch.randn(2, 12, DIM)
-    w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
-    scores = x @ w[:1].T + b[:1]  # (B, N, 1)
-    key = x @ w[1:DIM + 1].T + b[1:DIM + 1]
-    value = x @ w[DIM + 1:].T + b[DIM + 1:]
-    weights = torch.exp(scores) / torch.exp(scores).sum(dim=1, keepdim=True)
-    context = (weights * key).sum(dim=1, keepdim=True)
-    ref = (torch.clamp(value, min=0) * context) @ attn.out_proj.weight.T + attn.out_proj.bias
-    assert _rel(attn(x), ref) < 1e-6
+
+    def formula(attn, x):
+        w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+        scores = x @ w[:1].T + b[:1]  # (B, N, 1)
+        key = x @ w[1:DIM + 1].T + b[1:DIM + 1]
+        value = x @ w[DIM + 1:].T + b[DIM + 1:]
+        weights = torch.exp(scores) / torch.exp(scores).sum(dim=1, keepdim=True)
+        context = (weights * key).sum(dim=1, keepdim=True)
+        return (torch.clamp(value, min=0) * context) @ attn.out_proj.weight.T + attn.out_proj.bias
+    _matches(attn, formula, x)
 
 
 def test_separable_attention_equals_mobilevit_v2_on_one_patch_pixel():
@@ -97,8 +105,11 @@ def test_separable_attention_equals_mobilevit_v2_on_one_patch_pixel():
     sd = {k: v.reshape(ref.state_dict()[k].shape) for k, v in ours.state_dict().items()}
     ref.load_state_dict(sd)
     x = torch.randn(2, 12, DIM)
-    expected = ref(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)  # (B, C, 1, N) -> (B, N, C)
-    assert timm is not None and _rel(ours(x), expected) < 1e-6
+
+    def on_one_patch_pixel(ref, x):  # (B, N, C) -> (B, C, 1, N) -> (B, N, C)
+        return ref(x.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
+    assert timm is not None
+    _matches(ours, on_one_patch_pixel, x, reference=ref)
 
 
 def test_transposed_attention_equals_xcit_cross_covariance_attention():
@@ -110,8 +121,7 @@ def test_transposed_attention_equals_xcit_cross_covariance_attention():
     with torch.no_grad():
         ours.temperature.uniform_(0.5, 2.0)
     ref.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 12, DIM)
-    assert _rel(ours(x), ref(x)) < 1e-6
+    _matches(ours, lambda ref, x: ref(x), torch.randn(2, 12, DIM), reference=ref)
 
 
 def test_transposed_attention_picks_a_head_count_dividing_the_width():
@@ -127,9 +137,10 @@ def test_map_and_token_adapters_are_inverse_layouts():
     x = torch.randn(2, DIM, 3, 5)
     tokens = x.flatten(2).transpose(1, 2)
     y = TokensToMap(attn)(x)
-    assert torch.allclose(y.flatten(2).transpose(1, 2), attn(tokens), atol=1e-6)
+    # layout changes only: the same arithmetic on the same values, so exactly equal
+    torch.testing.assert_close(y.flatten(2).transpose(1, 2), attn(tokens), rtol=0, atol=0)
     back = MapToTokens(TokensToMap(attn))(tokens, (3, 5))
-    assert torch.allclose(back, attn(tokens), atol=1e-6)
+    torch.testing.assert_close(back, attn(tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match="hw="):
         MapToTokens(TokensToMap(attn))(tokens)  # 15 tokens are not a square
 

@@ -1,8 +1,14 @@
-"""The main job's parts: bench outputs, exports with a dynamic batch axis, deploy("auto"), the CLI."""
+"""The main job's parts: bench outputs, exports with a dynamic batch axis, deploy("auto"), the CLI.
+
+Exports are the slow part (10-30 s each, whatever the input size): each family's smallest variant is exported once
+per worker in each graph form (``_onnx``, ``_openvino``) and the tests share the files; a family's tests run on one
+worker (xdist group)."""
 import csv
+import functools
 import importlib
 import json
 import platform
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,68 +20,101 @@ from edgevits import bench
 from edgevits.bench import BenchSpec, run_bench, time_interleaved, write_outputs
 from edgevits.cli import main
 from edgevits.export import ExportError, check_onnx, export_onnx, onnx_session
-from edgevits.testing import assert_parity, calibrated
+from edgevits.testing import assert_parity, calibrated, float64_reference
+
+SIZE = 96  # exported graphs are checked at this input size
+FAMILIES = ["efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0", "swiftformer_xs"]  # smallest each
 
 
-def _smallest_per_family():
-    best = {}
-    for name in edgevits.list_models():
-        entry = edgevits.get_entry(name)
-        if entry.family not in best or entry.published["params_m"] < edgevits.get_entry(best[entry.family]).published[
-                "params_m"]:
-            best[entry.family] = name
-    return sorted(best.values())
+def per_family(fn):
+    return pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(f"export-{n}"))
+                                            for n in FAMILIES])(fn)
 
 
-def _calibrated(name):
-    return calibrated(edgevits.create_model(name), batches=1, batch_size=4)
+@functools.cache
+def _calibrated(name, size=SIZE):
+    return calibrated(edgevits.create_model(name, img_size=size), batches=1, batch_size=4, size=size)
 
 
-@pytest.mark.parametrize("name", _smallest_per_family())
-def test_onnx_export_matches_pytorch_at_batch_1_and_3(name, tmp_path):
+@functools.cache
+def _workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="edgevits-test-exports-"))
+
+
+@functools.cache
+def _onnx(name) -> Path:
+    """The deploy form exported to ONNX (the export checks itself at batch 1 and 3)."""
+    return export_onnx(_calibrated(name), _workdir() / f"{name}.onnx")
+
+
+@functools.cache
+def _openvino(name, form) -> Path:
+    pytest.importorskip("openvino")
+    from edgevits.export import export_openvino
+    return export_openvino(_calibrated(name), _workdir() / f"{name}-{form}.xml", form=form)
+
+
+def _batch(b, size=SIZE, seed=0):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@per_family
+def test_onnx_export_matches_pytorch_at_batch_1_and_3(name):
     model = _calibrated(name)
-    path = export_onnx(model, tmp_path / f"{name}.onnx")  # checks batch 1 and 3 itself; check again here
-    session = onnx_session(path)
+    session = onnx_session(_onnx(name))  # export_onnx checked batch 1 and 3 itself; check again here
     for b in (1, 3):
-        x = torch.randn(b, 3, 224, 224)
+        x = _batch(b)
         with torch.no_grad():
-            ref = model(x).numpy()
+            ref = model(x)
         out = session.run(None, {"x": x.numpy()})[0]
-        assert out.shape == ref.shape
-        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
-    assert not list(tmp_path.glob("*.data")), "weights must live inside the .onnx file"
+        assert out.shape == tuple(ref.shape)
+        assert_parity(torch.from_numpy(out), ref, float64_reference(model, x), check_dependence=b > 1)
+    assert not list(_onnx(name).parent.glob("*.data")), "weights must live inside the .onnx file"
 
 
-def test_export_check_fails_loudly_on_a_wrong_graph(tmp_path):
-    model = _calibrated("swiftformer_xs")
-    path = export_onnx(model, tmp_path / "m.onnx")
-    other = _calibrated("swiftformer_xs")
+@pytest.mark.xdist_group("export-swiftformer_xs")
+def test_export_check_fails_loudly_on_a_wrong_graph():
+    path = _onnx("swiftformer_xs")
+    other = calibrated(edgevits.create_model("swiftformer_xs", img_size=SIZE), batches=1, batch_size=4, size=SIZE)
     with torch.no_grad():
         other.head.bias.add_(1.0)
     with pytest.raises(ExportError, match="differs"):
-        check_onnx(edgevits.fuse_model(other), path, (3, 224, 224))
+        check_onnx(edgevits.fuse_model(other), path, (3, SIZE, SIZE))
 
 
-def test_openvino_export_round_trip(tmp_path):
+@per_family
+@pytest.mark.parametrize("form", ["eval", "deploy"])
+def test_openvino_runs_either_graph_form_with_the_models_outputs(name, form):
+    # the eval form is the default for OpenVINO (it optimises it better than our eager-oriented deploy form); the
+    # deploy form is converted from the ONNX file the ONNX Runtime test exported
     pytest.importorskip("openvino")
-    assert main(["export", "swiftformer_xs", "--format", "openvino", "-o", str(tmp_path / "sf.xml")]) == 0
-    assert (tmp_path / "sf.xml").exists() and (tmp_path / "sf.bin").exists()
-
-
-@pytest.mark.parametrize("name, form", [("swiftformer_xs", "eval"), ("efficientformer_l1", "eval"),
-                                        ("efficientformerv2_s0", "eval"), ("efficientvit_m0", "eval"),
-                                        ("efficientvit_m0", "deploy")])
-def test_openvino_runs_either_graph_form_with_the_models_outputs(name, form, tmp_path):
-    # the eval form is the default for OpenVINO (it optimises it better than our eager-oriented deploy form)
-    pytest.importorskip("openvino")
-    from edgevits.export import export_openvino, openvino_compiled
+    import openvino as ov
+    from edgevits.export import openvino_compiled
+    if form == "eval":
+        path = _openvino(name, "eval")  # checks batch 1 and 3 itself (ExportError)
+    else:
+        path = _workdir() / f"{name}-deploy.xml"
+        ov.save_model(ov.convert_model(str(_onnx(name))), str(path), compress_to_fp16=False)
     model = _calibrated(name)
-    path = export_openvino(model, tmp_path / "m.xml", form=form)  # checks batch 1 and 3 itself (ExportError)
-    x = torch.randn(2, 3, 224, 224)
+    x = _batch(2)
     with torch.no_grad():
-        assert_parity(torch.from_numpy(openvino_compiled(path)(x.numpy())[0]), model(x), 1e-4, 1e-4)
+        out = torch.from_numpy(openvino_compiled(path)(x.numpy())[0])
+        assert_parity(out, model(x), float64_reference(model, x))
 
 
+@pytest.mark.xdist_group("export-cli")
+def test_cli_exports_to_openvino_with_a_checkpoint_at_another_size(tmp_path):
+    pytest.importorskip("openvino")
+    from edgevits.export import openvino_compiled
+    ckpt = edgevits.save_checkpoint(_calibrated("efficientformer_l1"), tmp_path / "w")
+    assert main(["export", "efficientformer_l1", "--format", "openvino", "--checkpoint", str(ckpt),
+                 "--img-size", "128", "-o", str(tmp_path / "l1.xml")]) == 0
+    assert (tmp_path / "l1.xml").exists() and (tmp_path / "l1.bin").exists()
+    out = openvino_compiled(tmp_path / "l1.xml")(np.zeros((2, 3, 128, 128), np.float32))[0]
+    assert out.shape == (2, 1000)  # the batch axis stays dynamic
+
+
+@pytest.mark.xdist_group("export-swiftformer_xs")
 def test_deploy_auto_equals_the_model():
     model = _calibrated("swiftformer_xs")
     runner = edgevits.deploy(model, candidates=("eager", "eager_cl", "onnxruntime"), repeats=3)
@@ -84,12 +123,11 @@ def test_deploy_auto_equals_the_model():
         assert [p.name for p in Path(runner.workdir).iterdir()] == ["onnxruntime"]
     else:
         assert runner.workdir is None
-    for shape in [(2, 3, 224, 224), (1, 3, 160, 160)]:  # another size runs on the PyTorch deploy form
+    for shape in [(2, 3, SIZE, SIZE), (1, 3, 64, 64)]:  # another size runs on the PyTorch deploy form
         x = torch.randn(*shape)
         with torch.no_grad():
             ref = model(x)
-        out = runner(x)
-        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+        assert_parity(runner(x), ref, float64_reference(model, x), check_dependence=shape[0] > 1)
 
 
 def test_bench_writes_well_formed_json_csv_and_png(tmp_path):
@@ -115,19 +153,29 @@ def test_bench_writes_well_formed_json_csv_and_png(tmp_path):
 
 def test_tune_malloc_stops_a_forward_pass_from_page_faulting_its_activations_back_in():
     import resource
+    from edgevits.allocator import _GLIBC_DEFAULTS, _mallopt
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt only")
-    assert edgevits.tune_malloc()
     model = edgevits.fuse_model(edgevits.create_model("swiftformer_xs"))
     x = torch.randn(1, 3, 224, 224)
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            model(x)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    assert faults < 200, faults  # about 1,400 per pass without it (measured), about 15 with it
+
+    def faults_per_pass():
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                model(x)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+
+    assert _mallopt(_GLIBC_DEFAULTS)  # glibc's defaults (an earlier test in this process may have tuned it)
+    untuned = faults_per_pass()
+    if untuned < 100:  # e.g. an allocator configured by the environment (MALLOC_* variables) or THP settings
+        edgevits.tune_malloc()
+        pytest.skip(f"this process does not page-fault its activations back in even untuned ({untuned:.0f} per pass)")
+    assert edgevits.tune_malloc()
+    tuned = faults_per_pass()
+    assert tuned < untuned / 4, (tuned, untuned)  # measured: about 1,400 per pass untuned, 15-250 tuned
 
 
 def test_bench_rejects_unknown_names_before_doing_work():
@@ -144,14 +192,6 @@ def test_cli_models_and_bench(tmp_path, capsys):
     assert main(["bench", "swiftformer_xs", "--img-size", "64", "--batch-sizes", "1", "--backends", "eager",
                  "--repeats", "3", "--warmup", "1", "--budget", "0.2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "bench.json").exists() and "bench.csv" in capsys.readouterr().out
-
-
-def test_cli_export_with_a_checkpoint(tmp_path, capsys):
-    ckpt = edgevits.save_checkpoint(_calibrated("swiftformer_xs"), tmp_path / "w")
-    assert main(["export", "swiftformer_xs", "--checkpoint", str(ckpt), "--img-size", "256",
-                 "-o", str(tmp_path / "m.onnx")]) == 0
-    session = onnx_session(tmp_path / "m.onnx")
-    assert session.run(None, {"x": np.zeros((2, 3, 256, 256), np.float32)})[0].shape == (2, 1000)
 
 
 # -- failures, sizes and outputs that must not end or skew a run ---------------------------------------------------
@@ -197,18 +237,18 @@ def test_time_interleaved_drops_a_raising_runner_and_keeps_the_others():
     assert list(times) == ["ok"] and len(times["ok"]) == 3 and errors == {"bad": "ValueError: boom"}
 
 
-def test_bench_compare_timm_at_256_builds_timm_for_that_size_or_records_a_skip(tmp_path):
-    ref, ours = bench._timm_twin("efficientformerv2_s0", 256)  # same weights, both built for 256
-    x = torch.randn(2, 3, 256, 256)
+def test_bench_compare_timm_at_another_size_builds_timm_for_that_size_or_records_a_skip(tmp_path):
+    ref, ours = bench._timm_twin("efficientformerv2_s0", 96)  # same weights, both built for 96
+    x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        assert_parity(ours(x), ref(x))
-    spec = BenchSpec(models=["efficientformerv2_s0", "efficientformer_l1"], img_size=256, batch_sizes=(1,),
+        assert_parity(ours(x), ref(x), float64_reference(ref, x))
+    spec = BenchSpec(models=["efficientformerv2_s0", "efficientformer_l1"], img_size=96, batch_sizes=(1,),
                      backends=("eager",), warmup=0, repeats=2, min_repeats=1, budget_s=0.05, compare="timm")
     recs = {(r["model"], r["source"]): r for r in run_bench(spec)["records"]}
     assert recs[("efficientformerv2_s0", "timm")]["status"] == "ok"
     assert recs[("efficientformerv2_s0", "edgevits")]["timm_over_ours"] > 0
     skipped = recs[("efficientformer_l1", "timm")]  # timm's V1 fixes its attention bias at 224x224
-    assert skipped["status"] == "skipped" and "256x256" in skipped["note"]
+    assert skipped["status"] == "skipped" and "96x96" in skipped["note"]
     assert recs[("efficientformer_l1", "edgevits")]["status"] == "ok"
 
 
@@ -263,14 +303,13 @@ def test_deploy_rejects_a_candidate_whose_output_differs_and_falls_back(monkeypa
             return runner
         return lambda x: runner(x) + (x.shape[0] == 2)  # right at batch 1, wrong at batch 2
     monkeypatch.setattr(deploy_module, "make_runner", make)
-    model = _calibrated("swiftformer_xs")
-    runner = edgevits.deploy(model, candidates=("eager_cl", "eager"), img_size=64, repeats=3)
+    runner = edgevits.deploy(_calibrated("swiftformer_xs"), candidates=("eager_cl", "eager"), img_size=64, repeats=3)
     assert runner.backend == "eager" and "eager_cl" not in runner.timings_ms
     assert "differs" in runner.rejected["eager_cl"]
 
 
 def test_deploy_follows_the_model_dtype_and_keeps_graph_backends_to_cpu_float32():
-    model = _calibrated("swiftformer_xs").to(torch.bfloat16)
+    model = edgevits.create_model("swiftformer_xs", img_size=64).eval().to(torch.bfloat16)
     runner = edgevits.deploy(model, candidates=("eager", "onnxruntime"), img_size=64, repeats=3)
     assert runner.backend == "eager" and "float32 only" in runner.rejected["onnxruntime"]
     x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)

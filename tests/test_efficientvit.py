@@ -9,43 +9,38 @@ import torch.nn.functional as F
 import edgevits
 from edgevits.layers.attention.cascaded import (CascadedGroupAttention, FusedCascadedGroupAttention,
                                                 LocalWindowAttention, dw_matrix)
-from edgevits.testing import assert_parity, calibrate_bn, calibrated, import_timm, parity, randomize_
+from edgevits.testing import assert_parity, calibrate_bn, calibrated, float64_reference, randomize_
 
 VARIANTS = [f"efficientvit_m{i}" for i in range(6)]
 
 
-def _timm_reference(name, **kwargs):
-    return calibrated(import_timm().create_model(name, **kwargs))
+def _check(ours, ref, x):
+    with torch.no_grad():
+        assert_parity(ours(x), ref(x), float64_reference(ref, x))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_timm_weights_give_timm_outputs(name):
-    ref = _timm_reference(name)
+def test_timm_weights_give_timm_outputs(name, timm_reference):
+    ref = timm_reference(name)
     ours = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
     assert not ours.config.distillation
-    x = torch.randn(3, 3, 224, 224)
-    with torch.no_grad():
-        assert_parity(ours(x), ref(x))
+    _check(ours, ref, torch.randn(2, 3, 224, 224))
 
 
 @pytest.mark.parametrize("size", [(160, 160), (384, 384), (192, 288), (200, 200), (100, 150)])
-def test_a_model_built_at_224_matches_timm_at_any_input_size(size):
+def test_a_model_built_at_224_matches_timm_at_any_input_size(size, timm_reference):
     # the windows keep the side they were built with (7, 7, 4 at 224): larger, smaller or non-square maps pad to
     # whole windows (stage 3 at 384 is 6x6: four padded 4x4 windows; at 192x288 stage 2 is 6x9: two 7x7 windows)
-    ref = _timm_reference("efficientvit_m1")
+    ref = timm_reference("efficientvit_m1")
     ours = edgevits.create_model("efficientvit_m1", checkpoint=ref.state_dict()).eval()
-    x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        assert_parity(ours(x), ref(x))
+    _check(ours, ref, torch.randn(2, 3, *size))
 
 
-def test_window_padding_matches_timm_at_256():
+def test_window_padding_matches_timm_at_256(timm_reference):
     # 256 -> stage maps 16, 8, 4: stages 1 and 2 pad to 21 and 14 and attend in 7x7 windows, as timm does
-    ref = _timm_reference("efficientvit_m0", img_size=256)
+    ref = timm_reference("efficientvit_m0", img_size=256)
     ours = edgevits.create_model("efficientvit_m0", checkpoint=ref.state_dict()).eval()
-    x = torch.randn(2, 3, 256, 256)
-    with torch.no_grad():
-        assert_parity(ours(x), ref(x))
+    _check(ours, ref, torch.randn(2, 3, 256, 256))
 
 
 def _to_official(timm_sd, flat_se=()):
@@ -74,8 +69,8 @@ def _to_official(timm_sd, flat_se=()):
 
 
 @pytest.mark.parametrize("name", ["efficientvit_m0", "efficientvit_m5"])
-def test_official_release_file_loads_and_matches(name, tmp_path):
-    ref = _timm_reference(name)
+def test_official_release_file_loads_and_matches(name, tmp_path, timm_reference):
+    ref = timm_reference(name)
     flat = ("blocks2.1.se.fc1.weight", "blocks3.1.se.fc2.weight")
     official = _to_official(ref.state_dict(), flat_se=flat)
     assert "blocks1.0.mixer.m.attn.qkvs.0.c.weight" in official and "head.l.weight" in official
@@ -83,13 +78,11 @@ def test_official_release_file_loads_and_matches(name, tmp_path):
     path = tmp_path / f"{name}.pth"
     torch.save({"model": official}, path)
     ours = edgevits.create_model(name, checkpoint=path).eval()
-    x = torch.randn(3, 3, 224, 224)
-    with torch.no_grad():
-        assert_parity(ours(x), ref(x))
+    _check(ours, ref, torch.randn(2, 3, 224, 224))
 
 
-def test_official_file_with_a_distillation_head_builds_one_and_averages_it():
-    ref = _timm_reference("efficientvit_m0")
+def test_official_file_with_a_distillation_head_builds_one_and_averages_it(timm_reference):
+    ref = timm_reference("efficientvit_m0")
     official = _to_official(ref.state_dict())
     g = torch.Generator().manual_seed(1)
     for k, v in ref.head.state_dict().items():
@@ -100,11 +93,10 @@ def test_official_file_with_a_distillation_head_builds_one_and_averages_it():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         feats = ours.pool(ours.forward_features(x))
-        torch.testing.assert_close(ours(x), (ours.head(feats) + ours.head_dist(feats)) / 2)
+        torch.testing.assert_close(ours(x), (ours.head(feats) + ours.head_dist(feats)) / 2, rtol=0, atol=0)
         fused = edgevits.fuse_model(ours)
         assert fused.head_dist is None
-        logits, _ = parity(fused(x), ours(x))
-        assert logits <= 1e-5
+    _check(fused, ours, x)
 
 
 def test_bias_tables_are_never_stale():
@@ -140,11 +132,7 @@ def test_deploy_form_equals_the_eval_form_at_any_size(name):
 
 def test_deploy_form_in_float32_is_within_rounding():
     model = calibrated(edgevits.create_model("efficientvit_m2"))
-    fused = edgevits.fuse_model(model)
-    x = torch.randn(2, 3, 256, 256)
-    with torch.no_grad():
-        logits, centred = parity(fused(x), model(x))
-    assert logits <= 5e-5 and centred <= 5e-5, (logits, centred)
+    _check(edgevits.fuse_model(model), model, torch.randn(2, 3, 256, 256))
 
 
 def test_depthwise_conv_as_a_matrix_equals_the_conv():
@@ -167,8 +155,9 @@ def test_local_window_attention_alone_pads_and_fuses(matrix_dw, monkeypatch):
     x = torch.randn(2, 32, 9, 11, dtype=torch.float64)  # pads to 14x14: four windows
     fused = edgevits.fuse_model(layer)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), layer(x))
         assert layer(x).shape == x.shape
+        # float64 throughout: the deploy algebra holds to float64 rounding (~1e-13 here; 1e-9 is far above it)
+        assert (fused(x) - layer(x)).abs().max() <= 1e-9 * layer(x).abs().max()
 
 
 def test_features_only_gives_strides_16_32_64():

@@ -11,6 +11,12 @@ from edgevits.layers import (ConvNorm, DropPath, NormLinear, RelPosBias, bias_in
                              fuse_linear_bn, resize_table)
 from edgevits.layers.misc import gelu_
 from edgevits.layers.onednn import FusedLinear
+from edgevits.testing import assert_parity, float64_reference
+
+
+def _parity(out, ref, ref64):
+    """``assert_parity`` for layer outputs on random inputs (no batch dependence to check)."""
+    assert_parity(out, ref, ref64, check_dependence=False)
 
 
 def _random_bn(bn):
@@ -26,13 +32,15 @@ def test_conv_bn_folds_exactly():
     unit = ConvNorm(8, 16, 3, stride=2, groups=2, bias=True)
     _random_bn(unit.bn)
     x = torch.randn(2, 8, 9, 9)
-    torch.testing.assert_close(unit.fuse()(x), unit(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _parity(unit.fuse()(x), unit(x), float64_reference(unit, x))
 
 
 def test_bn_before_a_1x1_conv_folds_and_a_padded_conv_is_refused():
     bn, conv = _random_bn(nn.BatchNorm2d(8)), nn.Conv2d(8, 4, 1)
     x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(fuse_bn_conv(bn, conv)(x), conv(bn(x)), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _parity(fuse_bn_conv(bn, conv)(x), conv(bn(x)), float64_reference(nn.Sequential(bn, conv), x))
     with pytest.raises(ValueError, match="padding"):
         fuse_bn_conv(bn, nn.Conv2d(8, 4, 3, padding=1))
 
@@ -41,13 +49,18 @@ def test_bn_and_linear_fold_both_ways():
     x = torch.randn(4, 8)
     unit = NormLinear(8, 3)
     _random_bn(unit.bn)
-    torch.testing.assert_close(unit.fuse()(x), unit(x), rtol=1e-5, atol=1e-5)
-    lin, bn = nn.Linear(8, 3), _random_bn(nn.BatchNorm1d(3))
-    torch.testing.assert_close(fuse_linear_bn(lin, bn)(x), bn(lin(x)), rtol=1e-5, atol=1e-5)
-    bn2d, head = _random_bn(nn.BatchNorm2d(8)), nn.Linear(8, 3)  # BN2d -> spatial mean -> Linear
-    m = torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(fuse_bn_linear(bn2d, head)(m.mean((2, 3))), head(bn2d(m).mean((2, 3))),
-                               rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _parity(unit.fuse()(x), unit(x), float64_reference(unit, x))
+        lin, bn = nn.Linear(8, 3), _random_bn(nn.BatchNorm1d(3))
+        _parity(fuse_linear_bn(lin, bn)(x), bn(lin(x)), float64_reference(nn.Sequential(lin, bn), x))
+        bn2d, head = _random_bn(nn.BatchNorm2d(8)), nn.Linear(8, 3)  # BN2d -> spatial mean -> Linear
+        m = torch.randn(2, 8, 4, 4)
+
+        def plain(bn2d, head, m):
+            return head(bn2d(m).mean((2, 3)))
+        m64 = m.double()
+        _parity(fuse_bn_linear(bn2d, head)(m.mean((2, 3))), plain(bn2d, head, m),
+                plain(copy.deepcopy(bn2d).double(), copy.deepcopy(head).double(), m64))
 
 
 def _official_index(q_res, k_res, stride):
@@ -86,14 +99,17 @@ def test_bias_follows_in_place_edits_in_eval_form_and_freezes_once_fused():
         bias.attention_biases.normal_()
     before = bias((7, 7), (7, 7)).clone()
     bias.attention_biases.data.add_(1.0)  # a .data write bypasses autograd's version counter
-    assert torch.allclose(bias((7, 7), (7, 7)), before + 1.0)
+    assert torch.equal(bias((7, 7), (7, 7)), before + 1.0)  # a gather commutes with adding 1: exactly
     frozen = bias.fuse()
     assert torch.equal(frozen((7, 7), (7, 7)), bias((7, 7), (7, 7)))
     assert torch.equal(frozen((5, 5), (5, 5)), bias((5, 5), (5, 5)))  # other sizes: gathered once per size
     with torch.no_grad():
         frozen.table.add_(1.0)
-    assert torch.allclose(frozen((5, 5), (5, 5)), bias((5, 5), (5, 5)) + 1.0)
-    assert torch.allclose(frozen((7, 7), (7, 7)), bias((7, 7), (7, 7)) + 1.0)  # the training size too
+    with torch.no_grad():  # resized to 5x5 bicubically: equal to the rounding of the resize
+        shifted64 = RelPosBias(4, (7, 7)).double()
+        shifted64.attention_biases.copy_(bias.attention_biases.double() + 1.0)
+        _parity(frozen((5, 5), (5, 5)), bias((5, 5), (5, 5)) + 1.0, shifted64((5, 5), (5, 5)))
+    assert torch.equal(frozen((7, 7), (7, 7)), bias((7, 7), (7, 7)) + 1.0)  # the training size too (a gather)
 
 
 def test_frozen_bias_follows_a_loaded_table_at_every_size():
@@ -115,18 +131,22 @@ def test_fused_linear_equals_plain_ops_and_honours_weight_edits(gelu_on_onednn, 
         monkeypatch.setattr(onednn, "GEMM_GELU_MAX", 0)
     lin = FusedLinear(16, 32)
     x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 32)
-    ref = nn.functional.linear(x, lin.weight, lin.bias)
+    F = nn.functional
+
+    def plain(act=None, residual=None, dtype=torch.float32):
+        y = F.linear(x.to(dtype), lin.weight.to(dtype), lin.bias.to(dtype))
+        y = F.gelu(y) if act else y
+        return y if residual is None else y + residual.to(dtype)
     with torch.inference_mode():
-        torch.testing.assert_close(lin(x), ref)
-        torch.testing.assert_close(lin(x, act="gelu"), nn.functional.gelu(ref), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lin(x, residual=r), ref + r)
+        for kw in ({}, {"act": "gelu"}, {"residual": r}):
+            _parity(lin(x, **kw), plain(**kw), plain(**kw, dtype=torch.float64))
     with torch.no_grad():
         lin.weight.mul_(2.0)
     with torch.inference_mode():
-        torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+        _parity(lin(x), plain(), plain(dtype=torch.float64))
     clone = copy.deepcopy(lin)
     with torch.inference_mode():
-        torch.testing.assert_close(clone(x, act="gelu"), lin(x, act="gelu"))
+        torch.testing.assert_close(clone(x, act="gelu"), lin(x, act="gelu"), rtol=0, atol=0)  # the same kernel
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         lin(x, act="gelu")
     assert counter.get_total_flops() == 2 * 3 * 5 * 16 * 32  # plain ops while counting
@@ -150,8 +170,9 @@ def test_fused_conv_kernels_equal_plain_ops_and_follow_weight_edits(kind, act, r
     out_hw = (5, 6) if kind == "3x3s2" else (10, 12)
     r = torch.randn(2, cout, *out_hw).contiguous(memory_format=cl) if residual else None
 
-    def want():
-        y = conv(x) + (r if residual else 0)
+    def want(dtype=torch.float32):
+        c = copy.deepcopy(conv).to(dtype)
+        y = c(x.to(dtype)) + (r.to(dtype) if residual else 0)
         return nn.functional.gelu(y) if act else y
 
     thresholds = [onednn.GEMM_GELU_MAX, 0] if kind == "1x1" and act else [onednn.GEMM_GELU_MAX]
@@ -160,11 +181,13 @@ def test_fused_conv_kernels_equal_plain_ops_and_follow_weight_edits(kind, act, r
         with torch.inference_mode():
             got = fused(x, r)
         assert got.is_contiguous(memory_format=cl) and got.shape == (2, cout, *out_hw)
-        torch.testing.assert_close(got, want(), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
+            _parity(got, want(), want(torch.float64))
             conv.weight.mul_(-0.5)  # the kernel's prepared copy of the weight must follow an in-place edit
         with torch.inference_mode():
-            torch.testing.assert_close(fused(x, r), want(), rtol=1e-5, atol=1e-5)
+            got = fused(x, r)
+        with torch.no_grad():
+            _parity(got, want(), want(torch.float64))
 
 
 def test_a_model_fused_under_inference_mode_keeps_its_prepared_weights_between_calls():
@@ -183,7 +206,8 @@ def test_a_model_fused_under_inference_mode_keeps_its_prepared_weights_between_c
         for m, before in zip(layers, prepared):  # cached, not re-made
             after = m.__dict__.get("_onednn_packed", {})
             assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
-        torch.testing.assert_close(first, model(x), rtol=1e-4, atol=1e-5)
+        ref = model(x)
+    assert_parity(first, ref, float64_reference(model, x), check_dependence=False)
 
 
 def test_fused_layers_broadcast_a_residual_as_the_plain_ops_do():
@@ -193,10 +217,14 @@ def test_fused_layers_broadcast_a_residual_as_the_plain_ops_do():
     x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
     r = torch.randn(1, 16, 1, 1).contiguous(memory_format=torch.channels_last)  # broadcasts over batch and map
     t, rt = torch.randn(2, 7, 8), torch.randn(16)
+    lin64, conv64 = copy.deepcopy(lin).double(), copy.deepcopy(conv.conv).double()
     with torch.inference_mode():
-        torch.testing.assert_close(conv(x, r), conv.conv(x) + r)
-        torch.testing.assert_close(lin(t, residual=rt), nn.functional.linear(t, lin.weight, lin.bias) + rt)
-        torch.testing.assert_close(lin(t, residual=rt.double()), nn.functional.linear(t, lin.weight, lin.bias) + rt.double())
+        _parity(conv(x, r), conv.conv(x) + r, conv64(x.double()) + r.double())
+        ref64 = nn.functional.linear(t.double(), lin64.weight, lin64.bias) + rt.double()
+        _parity(lin(t, residual=rt), nn.functional.linear(t, lin.weight, lin.bias) + rt, ref64)
+        out = lin(t, residual=rt.double())  # a float64 residual promotes, as the plain ops do
+        assert out.dtype == torch.float64
+        _parity(out.float(), nn.functional.linear(t, lin.weight, lin.bias) + rt, ref64)
 
 
 def test_unfreezing_one_layer_of_a_deploy_model_gives_it_a_gradient():
@@ -213,10 +241,12 @@ def test_a_deploy_forward_with_autograd_takes_the_plain_ops_and_gives_gradients(
     fused = edgevits.fuse_model(model)
     x = torch.randn(1, 3, 64, 64, requires_grad=True)
     fused(x).sum().backward()  # the oneDNN kernels have no autograd: a fused scope must not open here
-    want = x.grad.clone()
+    got = x.grad.clone()
     x.grad = None
     model(x).sum().backward()
-    torch.testing.assert_close(want, x.grad, rtol=1e-4, atol=1e-5)
+    x64 = x.detach().double().requires_grad_()
+    copy.deepcopy(model).double()(x64).sum().backward()
+    assert_parity(got, x.grad, x64.grad, check_dependence=False)
     with torch.no_grad():  # and counting FLOPs sees every op of the deploy form
         assert edgevits.count_macs(fused, 64) > 0.9 * edgevits.count_macs(model, 64)
 
@@ -233,7 +263,7 @@ def test_inplace_gelu_equals_gelu_in_every_layout(layout):
         y = view(base.clone(memory_format=torch.preserve_format))
         out = gelu_(y)
     assert out.data_ptr() == y.data_ptr() and out.stride() == x.stride()  # in place, layout kept
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    _parity(out, want, nn.functional.gelu(x.double()))
     leaf = x.clone().requires_grad_()
     gelu_(leaf).sum().backward()  # with autograd it is out of place and differentiable
     assert leaf.grad is not None and torch.equal(leaf.detach(), x)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from edgevits.testing import assert_parity
 from edgevits.train import TrainConfig, evaluate_checkpoint, read_metrics, train
 from edgevits.train.cli import add_train
 from edgevits.train.data import DataError, EpochSampler, Mixer, RandAugment, TrainTransform, scan_image_folder
@@ -171,9 +172,12 @@ def test_distillation_loss_matches_deit():
     t = teacher(x).detach()
     base = torch.nn.functional.cross_entropy(cls, target.argmax(1))
     hard = DistillationLoss(teacher, "hard", alpha=0.5)(x, (cls, dist), target)
-    assert torch.allclose(hard, 0.5 * base + 0.5 * torch.nn.functional.cross_entropy(dist, t.argmax(1)))
+    CE = torch.nn.functional.cross_entropy
+    want = 0.5 * base + 0.5 * CE(dist, t.argmax(1))
+    want64 = 0.5 * CE(cls.double(), target.argmax(1)) + 0.5 * CE(dist.double(), t.argmax(1))
+    assert_parity(hard.reshape(1), want.reshape(1), want64.reshape(1), check_dependence=False)
     soft = DistillationLoss(teacher, "soft", alpha=1.0, tau=2.0)(x, (cls, t.clone()), target)
-    assert abs(soft.item()) < 1e-6  # a student equal to its teacher has nothing left to learn
+    assert soft.item() == 0.0  # a student equal to its teacher has nothing left to learn (identical log-softmaxes)
     assert not any(p.requires_grad for p in teacher.parameters())
     labels_only = (soft_cross_entropy(cls, target) + soft_cross_entropy(dist, target)) / 2
     for other in (teacher, torch.nn.Linear(4, 3)):  # without distillation the teacher is not used at all
@@ -298,7 +302,8 @@ def test_augmentations_are_a_function_of_their_seed():
     assert a.shape == (3, 32, 32) and torch.equal(a, tf(img, np.random.default_rng([1, 2, 3])))
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     xm, ym = Mixer(3, mixup=0.8, cutmix=1.0, smoothing=0.1)(x, y, np.random.default_rng(0))
-    assert xm.shape == x.shape and torch.allclose(ym.sum(1), torch.ones(4))
+    # each row sums a few rounded terms to 1: equal to 1 within a few float32 rounding steps
+    assert xm.shape == x.shape and (ym.sum(1) - 1).abs().max() <= 4 * torch.finfo(torch.float32).eps
 
 
 def test_mnist5k_writes_an_image_folder(tmp_path):

@@ -94,7 +94,7 @@ def _peak_gmacs(threads: int, n: int = 1536, repeats: int = 10) -> float:
     """This machine's float32 GEMM rate in GMAC/s (best of ``repeats``). On one thread it is timed by thread-CPU
     time, like the models, so that other processes on the machine do not lower it."""
     if threads != 1:
-        from edgevits.bench import measure_peak_gflops
+        from edgevits.measure.bench import measure_peak_gflops
         return measure_peak_gflops(threads, n) / 2
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b

@@ -49,7 +49,7 @@ def measure(name: str, size: int, batch: int, with_timm: bool, exports: bool = F
     if exports:
         import tempfile
         from pathlib import Path
-        from edgevits.export import export_onnx, export_openvino, onnx_session, openvino_compiled
+        from edgevits.runtime.export import export_onnx, export_openvino, onnx_session, openvino_compiled
         with tempfile.TemporaryDirectory() as tmp:
             onnx = onnx_session(export_onnx(model, Path(tmp) / "m.onnx", size, check=False))
             row["onnxruntime"] = _pair(torch.from_numpy(onnx.run(None, {"x": x.numpy()})[0]), eval64)

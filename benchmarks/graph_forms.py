@@ -1,7 +1,7 @@
 """Batch-1 latency of the two graph forms edgevits can export (eval form, deploy form) against timm's model, on
 ONNX Runtime or OpenVINO, same weights (timm's, randomised and BN-calibrated), malloc tuned for all alike.
 
-The choice in ``edgevits.export.GRAPH_FORMS`` (ONNX: deploy form, OpenVINO: eval form) rests on this table.
+The choice in ``edgevits.runtime.export.GRAPH_FORMS`` (ONNX: deploy form, OpenVINO: eval form) rests on this table.
 
     python benchmarks/graph_forms.py --backend openvino
     python benchmarks/graph_forms.py --backend onnxruntime
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 import edgevits
-from edgevits.backends import make_runner
-from edgevits.bench import time_interleaved
-from edgevits.export import graph_form
+from edgevits.runtime.backends import make_runner
+from edgevits.runtime.timing import time_interleaved
+from edgevits.runtime.export import graph_form
 from edgevits.testing import calibrated, import_timm
 
 MODELS = ["swiftformer_xs", "efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0"]

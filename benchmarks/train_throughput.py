@@ -22,7 +22,7 @@ from edgevits.testing import import_timm
 from edgevits.train.data import Mixer
 from edgevits.train.ema import ModelEma
 from edgevits.train.config import TrainConfig
-from edgevits.train.engine import clip_gradients, param_groups
+from edgevits.train.optim import clip_gradients, param_groups
 from edgevits.train.losses import DistillationLoss
 
 

@@ -1,4 +1,10 @@
-"""Deploy form: ``fuse_model`` returns an inference copy with BatchNorm folded, biases gathered, one head."""
+"""Deploy form: ``fuse_model`` returns an inference copy with BatchNorm folded, biases gathered, one head.
+
+The protocol, one for every family: a module that has a deploy form defines ``fuse()``, which returns a new module
+(``<Name>Deploy``, defined next to it, marked ``DeployModule``). ``fuse_model`` replaces modules bottom-up, so a
+``fuse()`` sees its children already in their deploy forms; it never descends into a ``DeployModule``. A model then
+finishes its own part (``finish_deploy_``: final norm, heads, memory layout) and runs every forward pass inside the
+fast CPU kernels' scope (``forward_context``)."""
 from __future__ import annotations
 
 import copy
@@ -6,10 +12,15 @@ import copy
 import torch
 from torch import nn
 
+from .layers import DeployModule
+from .layers.kernels import fused_scope
 
-def _fuse_children(module: nn.Module) -> nn.Module:
+
+def _fuse(module: nn.Module) -> nn.Module:
+    if isinstance(module, DeployModule):
+        return module
     for name, child in list(module.named_children()):
-        setattr(module, name, _fuse_children(child))
+        setattr(module, name, _fuse(child))
     fuse = getattr(module, "fuse", None)
     return fuse() if callable(fuse) else module
 
@@ -24,12 +35,18 @@ def fuse_model(model: nn.Module) -> nn.Module:
     Linear. Outputs equal the eval-mode outputs of ``model``. Calling it on a fused model changes nothing.
     """
     deployed = copy.deepcopy(model).eval()
-    deployed = _fuse_children(deployed)
-    deployed.eval()
-    _to_normal_tensors(deployed)
-    for p in deployed.parameters():
-        p.requires_grad_(False)
-    deployed.is_deploy_form = True
+    if not getattr(deployed, "is_deploy_form", False):
+        deployed = _fuse(deployed)
+        finish = getattr(deployed, "finish_deploy_", None)
+        if callable(finish):
+            finish()
+        deployed.eval()
+        _to_normal_tensors(deployed)
+        for p in deployed.parameters():
+            p.requires_grad_(False)
+        deployed.is_deploy_form = True
+        if hasattr(type(deployed), "forward_context"):
+            deployed.forward_context = fused_scope  # the fast kernels' global checks, once per forward pass
     return deployed
 
 

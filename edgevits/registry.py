@@ -1,4 +1,5 @@
-"""Model registry: every variant is a name bound to a model class and a frozen config."""
+"""Model registry: every variant is a name bound to a model class and a frozen config, read from the ``VARIANTS``
+table of each family module in ``edgevits.models``."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from .checkpoint import config_hints, load_checkpoint, read_checkpoint
+from .errors import ConfigError, UnknownModelError
+from .models import FAMILY_MODULES
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,13 @@ def register_model(name: str, model_cls: type, config: Any, *, family: str, publ
 
 
 def _ensure_loaded() -> None:
-    from . import models  # noqa: F401  (importing the family modules registers their variants)
+    """Register the variants of every family module (``MODEL`` and ``VARIANTS``) once."""
+    if _REGISTRY:
+        return
+    for module in FAMILY_MODULES:
+        for name, variant in module.VARIANTS.items():
+            register_model(name, module.MODEL, variant.config, family=module.MODEL.family,
+                           published=variant.published, timm_name=variant.timm_name or name)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -52,7 +63,7 @@ def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(sorted(_REGISTRY))}"
-        raise KeyError(f"unknown model {name!r}{hint}")
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
     return _REGISTRY[name]
 
 
@@ -66,7 +77,7 @@ def resolve_config(name: str, **overrides: Any):
         for key in unknown:
             close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
             msgs.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise TypeError(f"{name} has no config field {', '.join(msgs)}; valid fields: {', '.join(sorted(fields))}")
+        raise ConfigError(f"{name} has no config field {', '.join(msgs)}; valid fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(entry.config, **overrides)
 
 
@@ -83,13 +94,11 @@ def create_model(name: str, *, checkpoint: Any = None, **overrides: Any) -> nn.M
     entry = get_entry(name)
     state = None
     if checkpoint is not None:
-        from .checkpoint import config_hints, read_checkpoint
         state, meta = read_checkpoint(checkpoint)
         overrides = {**config_hints(entry, state, meta), **overrides}
     config = resolve_config(name, **overrides)
     model = entry.model_cls(config)
     model.model_name = name
     if state is not None:
-        from .checkpoint import load_checkpoint
         load_checkpoint(model, state, meta=meta)
     return model

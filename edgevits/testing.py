@@ -1,121 +1,20 @@
-"""Helpers for parity checks (used by the test suite and the benchmarks): importing timm without torchvision,
-giving a model weights and BatchNorm statistics that make a comparison sensitive, and measuring the difference."""
+"""Helpers for the test suite and the benchmarks: parity checks grounded in the rounding actually present, and
+(re-exported from ``edgevits.measure.reference``) timm without torchvision and models made sensitive to compare."""
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
-import types
+import copy
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from .measure.reference import calibrate_bn, calibrated, import_timm, randomize_
+from .runtime.parity import parity, rel_err
 
-class _Placeholder:
-    """Stands in for any torchvision name; fails loudly if actually used."""
-
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("torchvision is not installed; edgevits only stubbed it so that timm's model code imports")
-
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name == "InterpolationMode":  # timm builds lookup tables from this enum at import time
-            import enum
-            value = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC BOX HAMMING LANCZOS NEAREST_EXACT")
-        else:
-            value = type(name, (_Placeholder,), {})
-        setattr(self, name, value)
-        return value
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path, target=None):
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _StubModule(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
-def import_timm():
-    """Import timm, registering a stub ``torchvision`` first when the real one is absent.
-
-    timm's model code never calls torchvision, but some of its modules import it at load time; torchvision has no
-    CPU build on the package index these machines use. The stub only satisfies those imports.
-    """
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        finder = _StubFinder()
-        sys.meta_path.append(finder)
-        try:
-            import timm
-        finally:  # keep the stub out of sight of other libraries (transformers probes for torchvision)
-            sys.meta_path.remove(finder)
-            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-                del sys.modules[name]
-    import timm
-    return timm
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give ``model`` weights that make a parity check sensitive: random biases, norm affine parameters, layer
-    scales (their 1e-5 init hides mistakes) and attention-bias tables. Conv/Linear weights keep their init."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(p, lo, hi):
-        p.copy_(torch.rand(p.shape, generator=g) * (hi - lo) + lo)
-
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if "attention_biases" in name or leaf == "w_g":
-            p.copy_(torch.randn(p.shape, generator=g))
-        elif leaf == "bias":
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        elif "gamma" in leaf or "layer_scale" in name:
-            rand(p, 0.2, 1.0)
-        elif p.dim() == 1:  # norm weights
-            rand(p, 0.5, 1.5)
-    return model
-
-
-@torch.no_grad()
-def calibrate_bn(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Set every BatchNorm's running statistics to the exact average over ``batches`` (train-mode passes with
-    ``momentum=None``), so that in eval mode every BN really normalises. Returns the model in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x in batches:
-        model(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    return model.eval()
-
-
-def calibrated(model: nn.Module, seed: int = 0, batches: int = 2, batch_size: int = 2,
-               size: int | tuple[int, int] = 224) -> nn.Module:
-    """``randomize_`` then ``calibrate_bn`` on seeded random images: the standard set-up of a parity check.
-    Returns the model in eval mode."""
-    h, w = (size, size) if isinstance(size, int) else size
-    g = torch.Generator().manual_seed(seed)
-    randomize_(model, seed)
-    return calibrate_bn(model, [torch.randn(batch_size, 3, h, w, generator=g) for _ in range(batches)])
+__all__ = ["IMAGE_CLASSES", "PARITY_FACTOR", "class_image", "make_image_folder", "UNIT_ROUNDOFF", "assert_parity", "calibrate_bn", "calibrated", "float64_reference",
+           "import_timm", "logits_of", "parity", "randomize_", "rel_err"]
 
 
 # The float32 tolerance of the test suite: a multiple of the rounding actually present, never a constant tuned on
@@ -139,7 +38,6 @@ UNIT_ROUNDOFF = 2.0 ** -24  # float32: no float32 result can be closer to the ex
 
 def float64_reference(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     """``module`` run in float64 on float64 copies of ``inputs`` (a deep copy: ``module`` is untouched)."""
-    import copy
     with torch.no_grad():
         return logits_of(copy.deepcopy(module).double()(*(x.double() for x in inputs)))
 
@@ -171,12 +69,31 @@ def logits_of(out) -> torch.Tensor:
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+IMAGE_CLASSES = ("circle", "square", "stripes")
 
 
-def parity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(relative error of the logits, relative error of their input-dependent part: logits minus batch mean)."""
-    a, b = a.double(), b.double()
-    return rel_err(a, b), rel_err(a - a.mean(0), b - b.mean(0))
+def class_image(cls: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A class-dependent picture with noise: a bright disc, a bright square, or horizontal stripes."""
+    yy, xx = np.mgrid[:size, :size]
+    base = rng.uniform(0, 60, (size, size))
+    if cls == 0:
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    elif cls == 1:
+        mask = (abs(yy - size / 2) < size / 4) & (abs(xx - size / 2) < size / 4)
+    else:
+        mask = (yy // 4) % 2 == 0
+    arr = base + 180 * mask
+    rgb = np.stack([arr, arr * rng.uniform(0.6, 1.0), arr * rng.uniform(0.6, 1.0)], -1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def make_image_folder(root: Path, n_train: int = 8, n_val: int = 4, classes=IMAGE_CLASSES, seed: int = 0) -> Path:
+    """Write ``root/{train,val}/<class>/<i>.png``: ``n_train`` / ``n_val`` generated pictures per class (see
+    ``class_image``), learnable in a few steps. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                class_image(c, rng).save(root / split / name / f"{i}.png")
+    return root

@@ -1,10 +1,11 @@
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from edgevits.testing import calibrated, import_timm
+from edgevits.testing import calibrated, import_timm, make_image_folder
 
 torch.set_num_threads(max(1, int(os.environ.get("EDGEVITS_TEST_THREADS", "1"))))
 
@@ -26,3 +27,9 @@ def timm_reference():
     """``timm_reference(name, img_size=None)``: timm's model with randomised weights and calibrated BatchNorms
     (built once per worker; do not change it)."""
     return _timm_reference
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny ImageFolder (``train/`` and ``val/``, three classes of generated pictures), shared read-only."""
+    return make_image_folder(tmp_path_factory.mktemp("data"))

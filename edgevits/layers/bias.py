@@ -8,7 +8,7 @@ enumerates offsets in first-seen order over a row-major scan; for every case the
 The table is defined at the training resolution. At another resolution the offset grid changes, and the table is
 resized bicubically to it (as the official detection code does). In the train/eval form the bias is gathered
 from the live parameter on every call, so it can never be stale (after ``load_state_dict``, an EMA update, or a
-``.data`` write). ``fuse()`` returns ``FrozenRelPosBias``, which gathers once per size and gathers again when
+``.data`` write). ``fuse()`` returns ``RelPosBiasDeploy``, which gathers once per size and gathers again when
 its table buffer changes.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .misc import tensor_stamp
+from .misc import DeployModule, tensor_stamp
 
 Size = tuple[int, int]
 
@@ -81,14 +81,14 @@ class RelPosBias(nn.Module):
     def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
         return gather_bias(self.attention_biases, self.table_size, q_size, k_size, stride)
 
-    def fuse(self) -> "FrozenRelPosBias":
-        return FrozenRelPosBias(self)
+    def fuse(self) -> "RelPosBiasDeploy":
+        return RelPosBiasDeploy(self)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, table={self.table_size[0]}x{self.table_size[1]}"
 
 
-class FrozenRelPosBias(nn.Module):
+class RelPosBiasDeploy(DeployModule, nn.Module):
     """Deploy form: the table as a buffer, the bias for the training resolution gathered into a buffer
     (``bias``: a constant of an exported graph) and other resolutions gathered once per size. Both follow an
     in-place write to ``table`` or a ``load_state_dict`` at the next call (keyed on the table's version counter;

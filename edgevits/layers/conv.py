@@ -137,6 +137,26 @@ def average_linears(a: nn.Linear, b: nn.Linear) -> nn.Linear:
     return out
 
 
+def folded_conv(module: nn.Module) -> nn.Conv2d:
+    """The conv of a conv+BN pair with its BN folded in, whether ``module`` is still a ``ConvNorm`` or already the
+    plain conv its ``fuse()`` returned (children are fused before their parents)."""
+    if isinstance(module, ConvNorm):
+        return module.fuse()
+    if isinstance(module, nn.Conv2d):
+        return module
+    raise TypeError(f"expected a ConvNorm or a folded Conv2d, got {type(module).__name__}")
+
+
+@torch.no_grad()
+def channels_last_weights_(module: nn.Module) -> nn.Module:
+    """Store the weights of every conv in ``module`` channels-last (in place), the layout the deploy forms compute
+    in: oneDNN then never re-lays them out per call. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 class ConvNorm(nn.Module):
     """``BatchNorm2d(Conv2d(x))``; ``fuse()`` returns the single equivalent conv.
 

@@ -6,6 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class DeployModule:
+    """Marks a module of a deploy form (what a ``fuse()`` returned): ``edgevits.fuse_model`` leaves it, and all it
+    holds, as it is. Mixed into ``nn.Module`` subclasses: ``class FooDeploy(DeployModule, nn.Module)``."""
+
+
 def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(x, (tuple, list)):
         if len(x) != 2:

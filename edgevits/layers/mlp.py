@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from .conv import fuse_bn_conv
+from .kernels import FusedLinear
+from .misc import DeployModule
 
 
 class Mlp(nn.Module):
@@ -35,8 +37,20 @@ class PreNormConvMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(self.norm(x))))))
 
-    def fuse(self) -> nn.Module:
-        if isinstance(self.norm, nn.BatchNorm2d):
-            self.fc1 = fuse_bn_conv(self.norm, self.fc1)
-            self.norm = nn.Identity()
-        return self
+    @torch.no_grad()
+    def fuse(self) -> "PreNormConvMlpDeploy":
+        if type(self.act) is not nn.GELU or self.act.approximate != "none":
+            raise NotImplementedError("the deploy form of PreNormConvMlp fuses the exact GELU only")
+        return PreNormConvMlpDeploy(fuse_bn_conv(self.norm, self.fc1), self.fc2)
+
+
+class PreNormConvMlpDeploy(DeployModule, nn.Module):
+    """Deploy form of ``PreNormConvMlp`` on channels-last tokens (..., C): the BN folded into ``fc1``, both 1x1 convs
+    as ``FusedLinear`` (GELU fused into the first, an optional residual added by the second)."""
+
+    def __init__(self, fc1: nn.Conv2d, fc2: nn.Conv2d):
+        super().__init__()
+        self.fc1, self.fc2 = FusedLinear.from_conv1x1(fc1), FusedLinear.from_conv1x1(fc2)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.fc1(x, act="gelu"), residual=residual)

@@ -3,13 +3,24 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
 
-from ..layers import ChannelAffine, average_linears, check_image_input, to_2tuple
-from ..layers.onednn import fused_scope
+from ..layers import ChannelAffine, ConvNorm, average_linears, check_image_input, to_2tuple
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant a family module offers in its ``VARIANTS`` table (read by ``edgevits.registry``): its config and
+    what its paper published (params_m, gmacs, top1, latency_ms or throughput, latency_device). ``timm_name``:
+    timm's name for it when that differs from ours (None: the same name)."""
+
+    config: Any
+    published: dict = field(default_factory=dict)
+    timm_name: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +43,27 @@ class ModelConfig:
         to_2tuple(self.img_size)
 
 
+def conv_stem(in_chans: int, dim: int, act: type[nn.Module]) -> nn.Sequential:
+    """Two 3x3 stride-2 conv+BN (with bias) with ``act`` after each: stride 4, ``dim // 2`` then ``dim`` channels
+    (SwiftFormer and both EfficientFormers)."""
+    return nn.Sequential(ConvNorm(in_chans, dim // 2, 3, stride=2, bias=True), act(),
+                         ConvNorm(dim // 2, dim, 3, stride=2, bias=True), act())
+
+
+def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+    """Stochastic-depth rates growing linearly from 0 to ``rate`` over all blocks (the official codes' rule), one
+    list per stage."""
+    total = sum(depths)
+    flat = [rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [flat[s:s + d] for s, d in zip(starts, depths)]
+
+
+def stage_info(i: int, channels: int, reduction: int) -> dict:
+    """A ``feature_info`` entry: stage ``i``'s output channels and stride."""
+    return dict(num_chs=channels, reduction=reduction, module=f"stages.{i}")
+
+
 class ClassifierModel(nn.Module):
     """Base of every family.
 
@@ -43,6 +75,9 @@ class ClassifierModel(nn.Module):
     family = ""
     stride = 32
     channels_last = False  # deploy forms that run on channels-last maps set this on the instance
+    # A context every forward pass runs in, or None. The deploy form (``edgevits.fuse_model``) sets the fast CPU
+    # kernels' scope here, so that their global checks are made once per pass instead of once per layer.
+    forward_context: Callable[[], ContextManager] | None = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -54,11 +89,12 @@ class ClassifierModel(nn.Module):
     def _make_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _init_heads(self) -> None:
-        """Build the classifier(s); each family calls this last in ``__init__``. A ``features_only`` model
-        returns the stage outputs, so it has no final norm either (no parameter left without a gradient)."""
-        if self.config.features_only:
-            self.norm = nn.Identity()
+    def _init_heads(self, norm: nn.Module) -> None:
+        """Set the final ``norm`` and build the classifier(s) on the last stage's channels; each family calls this
+        last in ``__init__``, after ``feature_info``. A ``features_only`` model returns the stage outputs, so it has
+        no final norm either (no parameter left without a gradient)."""
+        self.num_features = self.feature_info[-1]["num_chs"]
+        self.norm = nn.Identity() if self.config.features_only else norm
         self.head_drop = nn.Dropout(self.config.drop_rate)
         self.head = self._make_head(self.num_classes)
         self.head_dist = self._make_head(self.num_classes) if self.config.distillation else None
@@ -122,10 +158,10 @@ class ClassifierModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self.check_input(x)
-        if getattr(self, "is_deploy_form", False) and not torch.compiler.is_compiling():  # keeps dynamo out of it
-            with fused_scope():  # the fused kernels' global checks, once for the whole pass
-                return self._forward(x)
-        return self._forward(x)
+        if self.forward_context is None or torch.compiler.is_compiling():  # keeps dynamo out of the context
+            return self._forward(x)
+        with self.forward_context():
+            return self._forward(x)
 
     def _forward(self, x: torch.Tensor):
         if self.config.features_only:
@@ -133,13 +169,14 @@ class ClassifierModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # -- deploy form -----------------------------------------------------------------------------------------
-    def fuse(self) -> "ClassifierModel":
-        """Deploy form (called by ``edgevits.fuse_model`` after the children are fused): a final BatchNorm
-        becomes a fixed per-channel affine (so ``forward_features`` still returns normalised features and a
-        later ``reset_classifier`` keeps them) and the two heads collapse into one Linear. Logits are unchanged."""
+    @torch.no_grad()
+    def finish_deploy_(self) -> None:
+        """The model-level part of the deploy form, in place (called by ``edgevits.fuse_model`` on its copy once the
+        children are fused): a final BatchNorm becomes a fixed per-channel affine (so ``forward_features`` still
+        returns normalised features and a later ``reset_classifier`` keeps them) and the two heads collapse into one
+        Linear. Logits are unchanged. Families extend it (memory layout, stem)."""
         if isinstance(getattr(self, "norm", None), nn.BatchNorm2d):
             self.norm = ChannelAffine.from_bn(self.norm)
         if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
             self.head = average_linears(self.head, self.head_dist)
             self.head_dist = None
-        return self

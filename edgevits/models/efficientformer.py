@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvNorm, DropPath, LayerScale, Mlp, fuse_conv_bn, scale_output_, to_2tuple
-from ..layers.attention.mhsa import MHSA
-from ..layers.onednn import FusedLinear
-from ..registry import register_model
-from .base import ClassifierModel, ModelConfig
+from ..layers import (ConvNorm, DeployModule, DropPath, FusedLinear, LayerScale, Mlp, channels_last_weights_,
+                      fuse_conv_bn, scale_output_, to_2tuple)
+from ..layers.attention.mhsa import MHSA, MHSADeploy
+from .base import ClassifierModel, ModelConfig, Variant, conv_stem, drop_path_rates, stage_info
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,14 +86,14 @@ class Meta4D(nn.Module):
         return x + self.drop_path(self.ls2.gamma.view(-1, 1, 1) * self.mlp(x))
 
     @torch.no_grad()
-    def fuse(self) -> nn.Module:
+    def fuse(self) -> "Meta4DDeploy":
         fc1 = fuse_conv_bn(self.mlp.fc1, self.mlp.norm1)
         fc2 = fuse_conv_bn(self.mlp.fc2, self.mlp.norm2)
         scale_output_(fc2, self.ls2.gamma)
         return Meta4DDeploy(self.ls1.gamma, fc1, fc2, self.pool.kernel_size)
 
 
-class Meta4DDeploy(nn.Module):
+class Meta4DDeploy(DeployModule, nn.Module):
     """Deploy form of Meta4D, written for eager speed at small batches on CPU.
 
     BatchNorms and ``ls2`` are folded into the two 1x1 convs, which run as GEMMs on channels-last memory (no
@@ -140,8 +139,9 @@ class Meta3D(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
     @torch.no_grad()
-    def fuse(self) -> nn.Module:
-        """Fold the LayerNorm affines into the following Linears and the layer scales into the preceding ones."""
+    def fuse(self) -> "Meta3DDeploy":
+        """Fold the LayerNorm affines into the following Linears and the layer scales into the preceding ones (the
+        attention is in its deploy form by now: ``MHSADeploy``, whose projections are still Linears)."""
         _fold_ln_affine(self.norm1, self.attn.qkv)
         _fold_ln_affine(self.norm2, self.mlp.fc1)
         scale_output_(self.attn.proj, self.ls1.gamma)
@@ -149,24 +149,17 @@ class Meta3D(nn.Module):
         return Meta3DDeploy(self.norm1, self.attn, self.norm2, self.mlp.fc1, self.mlp.fc2)
 
 
-class Meta3DDeploy(nn.Module):
+class Meta3DDeploy(DeployModule, nn.Module):
     """Deploy form of Meta3D: plain LayerNorms (their affines live in ``qkv`` and ``fc1``), layer scales folded
     into ``proj`` and ``fc2``, GELU and the residual adds fused into the GEMMs where oneDNN's kernels exist."""
 
-    def __init__(self, norm1: nn.LayerNorm, attn: MHSA, norm2: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear):
+    def __init__(self, norm1: nn.LayerNorm, attn: MHSADeploy, norm2: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear):
         super().__init__()
-        attn.qkv, attn.proj = FusedLinear.from_linear(attn.qkv), FusedLinear.from_linear(attn.proj)
         self.norm1, self.attn, self.norm2 = norm1, attn, norm2
         self.fc1, self.fc2 = FusedLinear.from_linear(fc1), FusedLinear.from_linear(fc2)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
-        attn = self.attn
-        b, n, _ = x.shape
-        qkv = attn.qkv(self.norm1(x)).view(b, n, attn.num_heads, -1).transpose(1, 2)
-        q, k, v = qkv.split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)  # (B, heads, N, d) each
-        bias = attn.rel_pos(*(2 * [attn._grid(n, hw)])) if attn.rel_pos is not None else None
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # (B, heads, N, val_dim)
-        x = attn.proj(o.transpose(1, 2).reshape(b, n, -1), residual=x)
+        x = self.attn(self.norm1(x), hw, residual=x)
         return self.fc2(self.fc1(self.norm2(x), act="gelu"), residual=x)
 
 
@@ -219,28 +212,19 @@ class EfficientFormer(ClassifierModel):
     distillation). ``forward_features`` returns the final LayerNorm's output as tokens (B, N, C)."""
 
     family = "efficientformer"
-    stride = 32
 
     def __init__(self, config: EfficientFormerConfig):
         super().__init__(config)
         dims, depths = config.embed_dims, config.depths
-        self.stem = nn.Sequential(ConvNorm(config.in_chans, dims[0] // 2, 3, stride=2, bias=True), nn.ReLU(),
-                                  ConvNorm(dims[0] // 2, dims[0], 3, stride=2, bias=True), nn.ReLU())
+        self.stem = conv_stem(config.in_chans, dims[0], nn.ReLU)
         h, w = to_2tuple(config.img_size)
         resolution = (h // 32, w // 32)
-        total = sum(depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # official: linear in depth
-        stages, start, prev, last = [], 0, dims[0], len(dims) - 1
-        self.feature_info = []
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
-            stages.append(EfficientFormerStage(prev, dim, depth, config.num_vit if i == last else 0, i > 0,
-                                               rates[start:start + depth], resolution, config))
-            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
-            start, prev = start + depth, dim
-        self.stages = nn.ModuleList(stages)
-        self.num_features = dims[-1]
-        self.norm = nn.LayerNorm(dims[-1])
-        self._init_heads()
+        rates, last = drop_path_rates(config.drop_path_rate, depths), len(dims) - 1
+        self.stages = nn.ModuleList(
+            EfficientFormerStage(dims[max(i - 1, 0)], dim, depth, config.num_vit if i == last else 0, i > 0, rates[i],
+                                 resolution, config) for i, (dim, depth) in enumerate(zip(dims, depths)))
+        self.feature_info = [stage_info(i, dim, 2 ** (i + 2)) for i, dim in enumerate(dims)]
+        self._init_heads(nn.LayerNorm(dims[-1]))
         self._init_weights()
 
     @torch.no_grad()
@@ -263,29 +247,26 @@ class EfficientFormer(ClassifierModel):
         return x.mean(dim=1)
 
     @torch.no_grad()
-    def fuse(self) -> "EfficientFormer":
+    def finish_deploy_(self) -> None:
         """Deploy form (after the children are fused): besides the common folding, switch the convolutional
         part to channels-last memory. The stem and downsampling convs get channels-last weights, so that oneDNN
         does not re-lay out the weights on every call (for the last downsampler that re-layout alone costs more
         than the convolution)."""
-        super().fuse()
+        super().finish_deploy_()
         for module in [self.stem, *(stage.downsample for stage in self.stages)]:
-            for conv in module.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+            channels_last_weights_(module)
         self.channels_last = True
-        return self
 
 
-_PUBLISHED = dict(latency_device="iPhone 12 (Core ML, NPU)")
+def _variant(dims, depths, num_vit, params_m, gmacs, top1, latency_ms):
+    return Variant(EfficientFormerConfig(embed_dims=dims, depths=depths, num_vit=num_vit),
+                   dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms,
+                        latency_device="iPhone 12 (Core ML, NPU)"))
 
 
-def _variant(name, dims, depths, num_vit, params_m, gmacs, top1, latency_ms):
-    register_model(name, EfficientFormer, EfficientFormerConfig(embed_dims=dims, depths=depths, num_vit=num_vit),
-                   family="efficientformer", timm_name=name,
-                   published=dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms, **_PUBLISHED))
-
-
-_variant("efficientformer_l1", (48, 96, 224, 448), (3, 2, 6, 4), 1, 12.290, 1.30, 79.2, 1.6)
-_variant("efficientformer_l3", (64, 128, 320, 512), (4, 4, 12, 6), 4, 31.406, 3.93, 82.4, 3.0)
-_variant("efficientformer_l7", (96, 192, 384, 768), (6, 6, 18, 8), 8, 82.229, 10.16, 83.3, 7.0)
+MODEL = EfficientFormer
+VARIANTS = {
+    "efficientformer_l1": _variant((48, 96, 224, 448), (3, 2, 6, 4), 1, 12.290, 1.30, 79.2, 1.6),
+    "efficientformer_l3": _variant((64, 128, 320, 512), (4, 4, 12, 6), 4, 31.406, 3.93, 82.4, 3.0),
+    "efficientformer_l7": _variant((96, 192, 384, 768), (6, 6, 18, 8), 8, 82.229, 10.16, 83.3, 7.0),
+}

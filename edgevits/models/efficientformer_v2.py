@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import ConvNorm, DropPath, LayerScale, scale_output_, to_2tuple
+from ..layers import ConvNorm, DeployModule, DropPath, FusedConv, LayerScale, scale_output_, to_2tuple
 from ..layers.attention.attention4d import Attention4D, Attention4DDownsample
-from ..layers.onednn import FusedConv
-from ..registry import register_model
-from .base import ClassifierModel, ModelConfig
+from .base import ClassifierModel, ModelConfig, Variant, conv_stem, drop_path_rates, stage_info
 
 Ratios = tuple[tuple[float, ...], ...]
 
@@ -53,20 +51,27 @@ class ConvMlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc2 = ConvNorm(hidden, dim, 1, bias=True)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual`` (deploy form only): added to the output inside the last conv."""
-        if isinstance(self.fc2, FusedConv):
-            return self.fc2(self.mid(self.fc1(x)), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.mid(self.act(self.fc1(x))))
-        x = self.drop(self.fc2(self.drop(x)))
-        return x if residual is None else x + residual
+        return self.drop(self.fc2(self.drop(x)))
 
-    def fuse(self) -> nn.Module:
-        """BNs are folded by then (the ConvNorms' own fuse); fold the GELUs in as post-ops."""
-        if isinstance(self.fc2, nn.Conv2d) and type(self.act) is nn.GELU and self.act.approximate == "none":
-            self.fc1, self.mid, self.fc2 = FusedConv(self.fc1, "gelu"), FusedConv(self.mid, "gelu"), FusedConv(self.fc2)
-            self.act = nn.Identity()
-        return self
+    def fuse(self) -> "ConvMlpDeploy":
+        """The BNs are folded by then (the ConvNorms' own fuse); the GELUs become the convs' post-ops."""
+        if type(self.act) is not nn.GELU or self.act.approximate != "none":
+            raise NotImplementedError("the deploy form of ConvMlp fuses the exact GELU only")
+        return ConvMlpDeploy(self.fc1, self.mid, self.fc2)
+
+
+class ConvMlpDeploy(DeployModule, nn.Module):
+    """Deploy form of ``ConvMlp``: three ``FusedConv`` (GELU as the first two's post-op); ``forward(x, residual)``
+    adds a residual inside the last conv."""
+
+    def __init__(self, fc1: nn.Conv2d, mid: nn.Conv2d, fc2: nn.Conv2d):
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = FusedConv(fc1, "gelu"), FusedConv(mid, "gelu"), FusedConv(fc2)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.mid(self.fc1(x)), residual)
 
 
 class EfficientFormerV2Block(nn.Module):
@@ -83,32 +88,32 @@ class EfficientFormerV2Block(nn.Module):
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
         self.layer_scale_2 = LayerScale((dim, 1, 1), layer_scale_init)
         self.drop_path = DropPath(drop_path)
-        self.fused = False  # deploy form: the skip connections are summed inside the branches' last convs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and (self.drop_path.p == 0.0 or not self.training):
-            # deploy form: each skip connection is summed inside the branch's last conv
-            if self.token_mixer is not None:
-                x = self.token_mixer(x, residual=x)
-            return self.mlp(x, residual=x)
         if self.token_mixer is not None:
             x = x + self.drop_path(self.layer_scale_1(self.token_mixer(x)))
         return x + self.drop_path(self.layer_scale_2(self.mlp(x)))
 
-    def fuse(self) -> nn.Module:
-        """Fold the layer scales into the last conv of each branch (its BN is already folded by then)."""
-        if isinstance(self.layer_scale_2, LayerScale):
-            fc2 = self.mlp.fc2.conv if isinstance(self.mlp.fc2, FusedConv) else self.mlp.fc2
-            scale_output_(fc2, self.layer_scale_2.gamma)
-            self.layer_scale_2 = nn.Identity()
-        proj = getattr(self.token_mixer, "proj", None)
-        proj = proj.conv if isinstance(proj, FusedConv) else proj
-        if isinstance(self.layer_scale_1, LayerScale) and isinstance(proj, nn.Conv2d):
-            scale_output_(proj, self.layer_scale_1.gamma)
-            self.layer_scale_1 = nn.Identity()
-        self.fused = isinstance(self.mlp.fc2, FusedConv) and not isinstance(self.token_mixer, Attention4D) \
-            and not isinstance(self.layer_scale_1, LayerScale) and not isinstance(self.layer_scale_2, LayerScale)
-        return self
+    @torch.no_grad()
+    def fuse(self) -> "EfficientFormerV2BlockDeploy":
+        return EfficientFormerV2BlockDeploy(self)
+
+
+class EfficientFormerV2BlockDeploy(DeployModule, nn.Module):
+    """Deploy form of the block: the layer scales folded into the last conv of each branch (whose BN is folded by
+    then), and each skip connection summed inside that conv."""
+
+    def __init__(self, src: EfficientFormerV2Block):
+        super().__init__()
+        self.token_mixer, self.mlp = src.token_mixer, src.mlp  # in their deploy forms by now
+        scale_output_(self.mlp.fc2.conv, src.layer_scale_2.gamma)
+        if self.token_mixer is not None:
+            scale_output_(self.token_mixer.proj.conv, src.layer_scale_1.gamma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_mixer is not None:
+            x = self.token_mixer(x, residual=x)
+        return self.mlp(x, residual=x)
 
 
 class Downsample(nn.Module):
@@ -120,15 +125,22 @@ class Downsample(nn.Module):
         self.attn = Attention4DDownsample(in_dim, out_dim, resolution=attn_resolution) if attn_resolution else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.conv, FusedConv):  # deploy form: the conv branch is summed inside the attention's proj
-            return self.conv(x) if self.attn is None else self.attn(x, residual=self.conv(x))
         out = self.conv(x)
         return out if self.attn is None else self.attn(x) + out
 
-    def fuse(self) -> nn.Module:
-        if isinstance(self.conv, nn.Conv2d) and not isinstance(self.attn, Attention4DDownsample):
-            self.conv = FusedConv(self.conv)  # the BN is folded by then, the attention is in its deploy form
-        return self
+    def fuse(self) -> "DownsampleDeploy":
+        return DownsampleDeploy(self.conv, self.attn)  # the BN is folded by then, the attention in its deploy form
+
+
+class DownsampleDeploy(DeployModule, nn.Module):
+    """Deploy form of ``Downsample``: the conv branch is summed inside the attention's output conv."""
+
+    def __init__(self, conv: nn.Conv2d, attn: nn.Module | None):
+        super().__init__()
+        self.conv, self.attn = FusedConv(conv), attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if self.attn is None else self.attn(x, residual=self.conv(x))
 
 
 class EfficientFormerV2Stage(nn.Module):
@@ -146,18 +158,14 @@ class EfficientFormerV2(ClassifierModel):
     distillation)."""
 
     family = "efficientformer_v2"
-    stride = 32
 
     def __init__(self, config: EfficientFormerV2Config):
         super().__init__(config)
         dims, depths = config.embed_dims, config.depths
         img_h, img_w = to_2tuple(config.img_size)
-        self.stem = nn.Sequential(ConvNorm(config.in_chans, dims[0] // 2, 3, stride=2, bias=True), nn.GELU(),
-                                  ConvNorm(dims[0] // 2, dims[0], 3, stride=2, bias=True), nn.GELU())
-        total = sum(depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # official: per block
-        stages, start = [], 0
-        self.feature_info = []
+        self.stem = conv_stem(config.in_chans, dims[0], nn.GELU)
+        rates = drop_path_rates(config.drop_path_rate, depths)
+        stages = []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             res = (img_h // 2 ** (i + 2), img_w // 2 ** (i + 2))  # this stage's grid at the training size
             downsample = None
@@ -172,15 +180,12 @@ class EfficientFormerV2(ClassifierModel):
                         attn = Attention4D(dim, resolution=(res[0] // 2, res[1] // 2), stride=2)
                     else:
                         attn = Attention4D(dim, resolution=res)
-                blocks.append(EfficientFormerV2Block(dim, config.mlp_ratios[i][j], rates[start + j],
+                blocks.append(EfficientFormerV2Block(dim, config.mlp_ratios[i][j], rates[i][j],
                                                      config.layer_scale_init, attn))
             stages.append(EfficientFormerV2Stage(blocks, downsample))
-            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
-            start += depth
         self.stages = nn.ModuleList(stages)
-        self.num_features = dims[-1]
-        self.norm = nn.BatchNorm2d(dims[-1])
-        self._init_heads()
+        self.feature_info = [stage_info(i, dim, 2 ** (i + 2)) for i, dim in enumerate(dims)]
+        self._init_heads(nn.BatchNorm2d(dims[-1]))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -191,17 +196,17 @@ class EfficientFormerV2(ClassifierModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def fuse(self) -> "EfficientFormerV2":
-        """Deploy form (after the children are fused): heads merged, and the model switched to channels-last
-        maps. On CPU, PyTorch runs depthwise convs and the bilinear upsample on channels-first maps through
-        internal layout conversions that allocate and copy large temporaries on every call; channels-last maps
-        avoid them. Outputs are unchanged; the stage outputs come back with channels-last strides."""
-        super().fuse()
-        if len(self.stem) == 4:  # conv, GELU, conv, GELU -> two convs with the GELU as a post-op
-            self.stem = nn.Sequential(FusedConv(self.stem[0], "gelu"), FusedConv(self.stem[2], "gelu"))
+    @torch.no_grad()
+    def finish_deploy_(self) -> None:
+        """Deploy form (after the children are fused): heads merged, the stem's GELUs as its convs' post-ops, and the
+        model switched to channels-last maps. On CPU, PyTorch runs depthwise convs and the bilinear upsample on
+        channels-first maps through internal layout conversions that allocate and copy large temporaries on every
+        call; channels-last maps avoid them. Outputs are unchanged; the stage outputs come back with channels-last
+        strides."""
+        super().finish_deploy_()
+        self.stem = nn.Sequential(FusedConv(self.stem[0], "gelu"), FusedConv(self.stem[2], "gelu"))
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
-        return self
 
 
 _RATIOS = {
@@ -213,15 +218,16 @@ _RATIOS = {
 
 
 def _variant(key, dims, depths, vit_num, drop_path, params_m, gmacs, top1, latency_ms):
-    name = f"efficientformerv2_{key}"
     config = EfficientFormerV2Config(embed_dims=dims, depths=depths, mlp_ratios=_RATIOS[key], vit_num=vit_num,
                                      drop_path_rate=drop_path)
-    register_model(name, EfficientFormerV2, config, family="efficientformer_v2", timm_name=name,
-                   published=dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms,
-                                  latency_device="iPhone 12 (Core ML)"))
+    return Variant(config, dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms,
+                                latency_device="iPhone 12 (Core ML)"))
 
 
-_variant("s0", (32, 48, 96, 176), (2, 2, 6, 4), 2, 0.0, 3.600, 0.396, 76.2, 0.9)
-_variant("s1", (32, 48, 120, 224), (3, 3, 9, 6), 2, 0.0, 6.186, 0.652, 79.7, 1.1)
-_variant("s2", (32, 64, 144, 288), (4, 4, 12, 8), 4, 0.02, 12.710, 1.247, 82.0, 1.6)
-_variant("l", (40, 80, 192, 384), (5, 5, 15, 10), 6, 0.1, 26.322, 2.553, 83.5, 2.7)
+MODEL = EfficientFormerV2
+VARIANTS = {
+    "efficientformerv2_s0": _variant("s0", (32, 48, 96, 176), (2, 2, 6, 4), 2, 0.0, 3.600, 0.396, 76.2, 0.9),
+    "efficientformerv2_s1": _variant("s1", (32, 48, 120, 224), (3, 3, 9, 6), 2, 0.0, 6.186, 0.652, 79.7, 1.1),
+    "efficientformerv2_s2": _variant("s2", (32, 64, 144, 288), (4, 4, 12, 8), 4, 0.02, 12.710, 1.247, 82.0, 1.6),
+    "efficientformerv2_l": _variant("l", (40, 80, 192, 384), (5, 5, 15, 10), 6, 0.1, 26.322, 2.553, 83.5, 2.7),
+}

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvNorm, DropPath, NormLinear, to_2tuple
+from ..layers import ConvNorm, DeployModule, DropPath, FusedConv, FusedLinear, NormLinear, folded_conv, to_2tuple
 from ..layers.attention.cascaded import LocalWindowAttention
-from ..registry import register_model
-from .base import ClassifierModel, ModelConfig
+from ..layers.kernels import fused_kernels_usable, gemm_rows, map_rows, rows_map
+from .base import ClassifierModel, ModelConfig, Variant, drop_path_rates, stage_info
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,30 +64,11 @@ class DWConvResidual(ConvNorm):
         return x + self.drop_path(super().forward(x))
 
     @torch.no_grad()
-    def fuse(self) -> nn.Module:
+    def fuse(self) -> FusedConv:
+        """One depthwise conv: the BN folded, the identity added to the centre tap."""
         conv = super().fuse()
         conv.weight[:, 0, 1, 1] += 1.0
-        return _DeployConv(conv)
-
-
-class _DeployConv(nn.Module):
-    """A folded conv, optionally followed by an in-place ReLU, for the deploy form."""
-
-    def __init__(self, conv: nn.Conv2d, relu: bool = False):
-        super().__init__()
-        with torch.no_grad():
-            self.register_buffer("weight", conv.weight.detach().clone())
-            self.register_buffer("bias", conv.bias.detach().clone())
-        self.stride, self.padding, self.groups = tuple(conv.stride), tuple(conv.padding), conv.groups
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        return torch.relu_(x) if self.relu else x
-
-    def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={tuple(self.weight.shape[2:])}"
-                f", stride={tuple(self.stride)}, groups={self.groups}, relu={self.relu}")
+        return FusedConv(conv)
 
 
 class FFN(nn.Module):
@@ -102,54 +83,45 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.pw2(torch.relu(self.pw1(x))))
 
-    def fuse(self) -> nn.Module:
-        if isinstance(self.pw1, nn.Conv2d) and isinstance(self.pw2, nn.Conv2d):
-            return _FusedFFN(self.pw1, self.pw2)
-        return self
+    def fuse(self) -> "FFNDeploy":
+        return FFNDeploy(folded_conv(self.pw1), folded_conv(self.pw2))
 
 
-def _channels_last_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B*H*W, C): a view when ``x`` is stored channels-last (a copy otherwise)."""
-    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-
-
-def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B*H*W, C') rows back to a (B, C', H, W) map stored channels-last (a view)."""
-    b, _, h, w = like.shape
-    return rows.view(b, h, w, -1).permute(0, 3, 1, 2)
-
-
-class _FusedFFN(nn.Module):
-    """Deploy FFN on the channels-last rows of the map: two matrix products whatever the batch, the residual
-    accumulated by the second one."""
+class FFNDeploy(DeployModule, nn.Module):
+    """Deploy FFN on channels-last maps: two 1x1 convs as matrix products on the map's rows whatever the batch
+    (``gemm_rows``, the fast path of ``FusedConv``), the ReLU fused into the first, the residual accumulated by the
+    second. Both products run on one view of the rows: at batch 1 the per-call overhead of two separate layers costs
+    about 1 ms of EfficientViT-M0's 9."""
 
     def __init__(self, pw1: nn.Conv2d, pw2: nn.Conv2d):
         super().__init__()
-        with torch.no_grad():
-            self.register_buffer("w1", pw1.weight.flatten(1).t().detach().contiguous())  # (C, hidden)
-            self.register_buffer("b1", pw1.bias.detach().clone())
-            self.register_buffer("w2", pw2.weight.flatten(1).t().detach().contiguous())  # (hidden, C)
-            self.register_buffer("b2", pw2.bias.detach().clone())
+        self.pw1, self.pw2 = FusedConv(pw1, "relu"), FusedConv(pw2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _channels_last_rows(x)  # (BHW, C)
-        hidden = torch.relu_(torch.addmm(self.b1, rows, self.w1))  # (BHW, hidden)
-        return _from_rows(torch.addmm(rows, hidden, self.w2).add_(self.b2), x)
+        # The two convs' parameter tables, reached without nn.Module's attribute lookups (about 1.5 us each, a third
+        # of the FFN's cost at batch 1). The tables, not the tensors, are kept: whoever swaps a parameter
+        # (torch.export fakes them while tracing, load_state_dict(assign=True)) swaps the table's entry.
+        tables = self.__dict__.get("_tables")
+        if tables is None:
+            tables = self.__dict__["_tables"] = (self.pw1.conv._parameters, self.pw2.conv._parameters)
+        p1, p2 = tables
+        w1 = p1["weight"]
+        if not (fused_kernels_usable(x, w1) and x.is_contiguous(memory_format=torch.channels_last)):
+            return self.pw2(self.pw1(x), residual=x)  # the same layers, ordinary ops
+        rows = map_rows(x)
+        hidden = gemm_rows(self, rows, w1, p1["bias"], "relu", kind="gemm1")
+        return rows_map(gemm_rows(self, hidden, p2["weight"], p2["bias"], residual=rows, kind="gemm2"), x)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_tables", None)
+        state.pop("_onednn_packed", None)
+        return state
 
-class _Pointwise(nn.Module):
-    """Deploy 1x1 conv (optionally followed by ReLU) as a matrix product on the channels-last rows of the map."""
-
-    def __init__(self, conv: nn.Conv2d, relu: bool = False):
-        super().__init__()
-        with torch.no_grad():
-            self.register_buffer("weight", conv.weight.flatten(1).t().detach().contiguous())  # (C_in, C_out)
-            self.register_buffer("bias", conv.bias.detach().clone())
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = torch.addmm(self.bias, _channels_last_rows(x), self.weight)
-        return _from_rows(torch.relu_(rows) if self.relu else rows, x)
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_tables", None)
+        self.__dict__.pop("_onednn_packed", None)
+        return super()._apply(fn, recurse)
 
 
 class SqueezeExcite(nn.Module):
@@ -165,25 +137,20 @@ class SqueezeExcite(nn.Module):
         s = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))
         return x * torch.sigmoid(s)
 
-    def fuse(self) -> nn.Module:
-        return _FusedSqueezeExcite(self)
+    def fuse(self) -> "SqueezeExciteDeploy":
+        return SqueezeExciteDeploy(self)
 
 
-class _FusedSqueezeExcite(nn.Module):
-    """Deploy squeeze-excite: the two 1x1 convs on the pooled vector as Linear products."""
+class SqueezeExciteDeploy(DeployModule, nn.Module):
+    """Deploy squeeze-excite: the two 1x1 convs on the pooled vector as ``FusedLinear`` products."""
 
     def __init__(self, src: SqueezeExcite):
         super().__init__()
-        with torch.no_grad():
-            for name in ("fc1", "fc2"):
-                conv = getattr(src, name)
-                self.register_buffer(f"{name}_weight", conv.weight.flatten(1).detach().contiguous())
-                self.register_buffer(f"{name}_bias", conv.bias.detach().clone())
+        self.fc1, self.fc2 = FusedLinear.from_conv1x1(src.fc1), FusedLinear.from_conv1x1(src.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.linear(torch.relu_(F.linear(x.mean((2, 3)), self.fc1_weight, self.fc1_bias)),
-                     self.fc2_weight, self.fc2_bias)  # (B, C)
-        return x * torch.sigmoid_(s)[:, :, None, None]
+        s = self.fc2(self.fc1(x.mean((2, 3)), act="relu"))  # (B, C)
+        return x * torch.sigmoid(s)[:, :, None, None]
 
 
 class PatchMerging(nn.Module):
@@ -200,11 +167,22 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.se(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
 
-    def fuse(self) -> nn.Module:
-        if all(isinstance(getattr(self, n), nn.Conv2d) for n in ("conv1", "conv2", "conv3")):
-            return nn.Sequential(_Pointwise(self.conv1, relu=True), _DeployConv(self.conv2, relu=True), self.se,
-                                 _Pointwise(self.conv3))
-        return self
+    def fuse(self) -> "PatchMergingDeploy":
+        return PatchMergingDeploy(self)
+
+
+class PatchMergingDeploy(DeployModule, nn.Module):
+    """Deploy patch merging: every conv a ``FusedConv`` with its ReLU as a post-op."""
+
+    def __init__(self, src: PatchMerging):
+        super().__init__()
+        self.conv1 = FusedConv(folded_conv(src.conv1), "relu")
+        self.conv2 = FusedConv(folded_conv(src.conv2), "relu")
+        self.se = src.se  # in its deploy form by now
+        self.conv3 = FusedConv(folded_conv(src.conv3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.se(self.conv2(self.conv1(x))))
 
 
 class Stem(nn.Sequential):
@@ -216,20 +194,17 @@ class Stem(nn.Sequential):
                          ConvNorm(dim // 4, dim // 2, 3, stride=2), nn.ReLU(),
                          ConvNorm(dim // 2, dim, 3, stride=2))
 
-    def fuse(self) -> nn.Module:
-        convs = [m for m in self if not isinstance(m, nn.ReLU)]
-        if all(isinstance(m, nn.Conv2d) for m in convs):
-            return _DeployStem(convs)
-        return self
+    def fuse(self) -> "StemDeploy":
+        return StemDeploy([folded_conv(m) for m in self if not isinstance(m, nn.ReLU)])
 
 
-class _DeployStem(nn.Module):
+class StemDeploy(DeployModule, nn.Module):
     """Deploy stem: switches the input to channels-last memory, the layout the rest of the deploy form computes in
-    (same values, fewer copies), and runs the folded convs with in-place ReLUs."""
+    (same values, fewer copies), and runs the folded convs with their ReLUs as post-ops."""
 
     def __init__(self, convs: list[nn.Conv2d]):
         super().__init__()
-        self.convs = nn.ModuleList(_DeployConv(c, relu=i < len(convs) - 1) for i, c in enumerate(convs))
+        self.convs = nn.ModuleList(FusedConv(c, "relu" if i < len(convs) - 1 else None) for i, c in enumerate(convs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -271,9 +246,21 @@ class EfficientViTBlock(nn.Module):
         x = x + (self.drop_path(y) if self.training else y)
         return self.ffn1(self.dw1(x))
 
-    def fuse(self) -> nn.Module:
-        self.drop_path = nn.Identity()  # the identity in eval; gone from the deploy form
-        return self
+    def fuse(self) -> "EfficientViTBlockDeploy":
+        return EfficientViTBlockDeploy(self)
+
+
+class EfficientViTBlockDeploy(DeployModule, nn.Module):
+    """Deploy form of the block: its branches' deploy forms, no stochastic depth."""
+
+    def __init__(self, src: EfficientViTBlock):
+        super().__init__()
+        self.dw0, self.ffn0, self.mixer, self.dw1, self.ffn1 = src.dw0, src.ffn0, src.mixer, src.dw1, src.ffn1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ffn0(self.dw0(x))
+        x = x + self.mixer(x)
+        return self.ffn1(self.dw1(x))
 
 
 class EfficientViTStage(nn.Module):
@@ -298,26 +285,19 @@ class EfficientViT(ClassifierModel):
     def __init__(self, config: EfficientViTConfig):
         super().__init__(config)
         dims = config.embed_dims
-        c0 = dims[0]
-        self.stem = Stem(config.in_chans, c0)
+        self.stem = Stem(config.in_chans, dims[0])
         resolution = min(to_2tuple(config.img_size)) // 16  # the map side at the training size: sizes bias tables
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, start, prev, reduction = [], 0, c0, 16
-        self.feature_info = []
+        rates = drop_path_rates(config.drop_path_rate, config.depths)
+        stages, self.feature_info = [], []
         for i, dim in enumerate(dims):
-            if i > 0:
-                resolution, reduction = (resolution - 1) // 2 + 1, reduction * 2
-            depth = config.depths[i]
-            stages.append(EfficientViTStage(prev, dim, depth, i > 0, config.key_dims[i], config.num_heads[i],
-                                            resolution, config.window_sizes[i], config.kernels,
-                                            rates[start:start + depth]))
-            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
-            start, prev = start + depth, dim
+            if i > 0:  # each stage halves the map (the stride-2 conv rounds up)
+                resolution = (resolution - 1) // 2 + 1
+            stages.append(EfficientViTStage(dims[max(i - 1, 0)], dim, config.depths[i], i > 0, config.key_dims[i],
+                                            config.num_heads[i], resolution, config.window_sizes[i], config.kernels,
+                                            rates[i]))
+            self.feature_info.append(stage_info(i, dim, 16 * 2 ** i))
         self.stages = nn.ModuleList(stages)
-        self.num_features = dims[-1]
-        self.norm = nn.Identity()  # no final norm: the head's BN1d normalises
-        self._init_heads()
+        self._init_heads(nn.Identity())  # no final norm: the head's BN1d normalises
 
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
@@ -331,18 +311,18 @@ class EfficientViT(ClassifierModel):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-_PUBLISHED = dict(latency_device="V100 (throughput, img/s)")
+def _variant(dims, depths, heads, kernels, params_m, gmacs, top1, throughput):
+    return Variant(EfficientViTConfig(embed_dims=dims, depths=depths, num_heads=heads, kernels=kernels),
+                   dict(params_m=params_m, gmacs=gmacs, top1=top1, throughput=throughput,
+                        latency_device="V100 (throughput, img/s)"))
 
 
-def _variant(name, dims, depths, heads, kernels, params_m, gmacs, top1, throughput):
-    cfg = EfficientViTConfig(embed_dims=dims, depths=depths, num_heads=heads, kernels=kernels)
-    register_model(name, EfficientViT, cfg, family="efficientvit", timm_name=name,
-                   published=dict(params_m=params_m, gmacs=gmacs, top1=top1, throughput=throughput, **_PUBLISHED))
-
-
-_variant("efficientvit_m0", (64, 128, 192), (1, 2, 3), (4, 4, 4), (5, 5, 5, 5), 2.349, 0.079, 63.2, 27644)
-_variant("efficientvit_m1", (128, 144, 192), (1, 2, 3), (2, 3, 3), (7, 5, 3, 3), 2.981, 0.167, 68.4, 20093)
-_variant("efficientvit_m2", (128, 192, 224), (1, 2, 3), (4, 3, 2), (7, 5, 3, 3), 4.188, 0.201, 70.8, 18218)
-_variant("efficientvit_m3", (128, 240, 320), (1, 2, 3), (4, 3, 4), (5, 5, 5, 5), 6.901, 0.263, 73.4, 16644)
-_variant("efficientvit_m4", (128, 256, 384), (1, 2, 3), (4, 4, 4), (7, 5, 3, 3), 8.804, 0.299, 74.3, 15914)
-_variant("efficientvit_m5", (192, 288, 384), (1, 3, 4), (3, 3, 4), (7, 5, 3, 3), 12.474, 0.522, 77.1, 10621)
+MODEL = EfficientViT
+VARIANTS = {
+    "efficientvit_m0": _variant((64, 128, 192), (1, 2, 3), (4, 4, 4), (5, 5, 5, 5), 2.349, 0.079, 63.2, 27644),
+    "efficientvit_m1": _variant((128, 144, 192), (1, 2, 3), (2, 3, 3), (7, 5, 3, 3), 2.981, 0.167, 68.4, 20093),
+    "efficientvit_m2": _variant((128, 192, 224), (1, 2, 3), (4, 3, 2), (7, 5, 3, 3), 4.188, 0.201, 70.8, 18218),
+    "efficientvit_m3": _variant((128, 240, 320), (1, 2, 3), (4, 3, 4), (5, 5, 5, 5), 6.901, 0.263, 73.4, 16644),
+    "efficientvit_m4": _variant((128, 256, 384), (1, 2, 3), (4, 4, 4), (7, 5, 3, 3), 8.804, 0.299, 74.3, 15914),
+    "efficientvit_m5": _variant((192, 288, 384), (1, 3, 4), (3, 3, 4), (7, 5, 3, 3), 12.474, 0.522, 77.1, 10621),
+}

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import AdditiveAttention, ConvNorm, DropPath, LayerScale, PreNormConvMlp, scale_output_
-from ..layers.onednn import FusedLinear
+from ..layers import (AdditiveAttention, ConvNorm, DeployModule, DropPath, FusedLinear, LayerScale, PreNormConvMlp,
+                      channels_last_weights_, folded_conv, scale_output_)
 from ..layers.attention import REGISTRY as ATTENTIONS
-from ..registry import register_model
-from .base import ClassifierModel, ModelConfig
+from ..layers.attention.additive import AdditiveAttentionDeploy
+from .base import ClassifierModel, ModelConfig, Variant, conv_stem, drop_path_rates, stage_info
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,21 +57,13 @@ class ConvEncoder(nn.Module):
         return ConvEncoderDeploy(self.dw, self.pw1, self.pw2)
 
 
-def _channels_last_conv(conv: nn.Module) -> nn.Module:
-    """A (fused) conv with channels-last weights: oneDNN then never re-lays them out per call."""
-    for m in conv.modules():
-        if isinstance(m, nn.Conv2d):
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-    return conv
-
-
-class ConvEncoderDeploy(nn.Module):
+class ConvEncoderDeploy(DeployModule, nn.Module):
     """Deploy form of ConvEncoder on channels-last maps: BN and layer scale folded, the 1x1 convs run as Linears
     on the (B, H, W, C) view (one GEMM each, no layout copies). In and out: (B, C, H, W), channels-last strides."""
 
     def __init__(self, dw: nn.Module, pw1: nn.Conv2d, pw2: nn.Conv2d):
         super().__init__()
-        self.dw = _channels_last_conv(dw.fuse() if hasattr(dw, "fuse") else dw)
+        self.dw = channels_last_weights_(folded_conv(dw))
         self.pw1, self.pw2 = FusedLinear.from_conv1x1(pw1), FusedLinear.from_conv1x1(pw2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,33 +98,34 @@ class SwiftFormerBlock(nn.Module):
         return SwiftFormerBlockDeploy(self)
 
 
-class SwiftFormerBlockDeploy(nn.Module):
+class SwiftFormerBlockDeploy(DeployModule, nn.Module):
     """Deploy form of SwiftFormerBlock: after the local representation everything runs on the (B, N, C) token view
     of the channels-last map; the MLP's BN folds into its first Linear, the layer scales into the last Linear of
-    their branch (for attentions without a final Linear the scale stays a multiply)."""
+    their branch, and the residuals are added inside those Linears (for the other attentions of the zoo, the first
+    scale stays a multiply and the residual an add)."""
 
     def __init__(self, src: SwiftFormerBlock):
         super().__init__()
-        self.local = src.local if isinstance(src.local, ConvEncoderDeploy) else src.local.fuse()
-        self.attn = src.attn
+        # the children are in their deploy forms by now (fuse_model fuses bottom-up)
+        self.local, self.attn, self.mlp = src.local, src.attn, src.mlp
         gamma1 = src.layer_scale_1.gamma.detach().reshape(-1)
-        final = getattr(self.attn, "final", None)
-        if isinstance(final, nn.Linear):
-            scale_output_(final, gamma1)
+        self.fused_attn = isinstance(self.attn, AdditiveAttentionDeploy)  # its final Linear takes scale, residual
+        if self.fused_attn:
+            scale_output_(self.attn.final, gamma1)
             self.register_buffer("gamma1", None)
         else:
             self.register_buffer("gamma1", gamma1.clone())
-        mlp = src.mlp.fuse()  # BN folded into fc1
-        scale_output_(mlp.fc2, src.layer_scale_2.gamma)
-        self.fc1, self.fc2 = FusedLinear.from_conv1x1(mlp.fc1), FusedLinear.from_conv1x1(mlp.fc2)
+        scale_output_(self.mlp.fc2, src.layer_scale_2.gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.local(x).contiguous(memory_format=torch.channels_last)
         b, c, h, w = x.shape
         t = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, N, C) view of the channels-last map
-        a = self.attn(t, (h, w))
-        t = t + (a if self.gamma1 is None else a * self.gamma1)
-        t = self.fc2(self.fc1(t, act="gelu"), residual=t)
+        if self.fused_attn:
+            t = self.attn(t, (h, w), residual=t)
+        else:
+            t = t + self.attn(t, (h, w)) * self.gamma1
+        t = self.mlp(t, residual=t)
         return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -156,25 +149,16 @@ class SwiftFormer(ClassifierModel):
     """SwiftFormer classifier; ``forward`` returns logits (a (cls, dist) pair while training with distillation)."""
 
     family = "swiftformer"
-    stride = 32
 
     def __init__(self, config: SwiftFormerConfig):
         super().__init__(config)
         dims, depths = config.embed_dims, config.depths
-        self.stem = nn.Sequential(ConvNorm(config.in_chans, dims[0] // 2, 3, stride=2, bias=True), nn.ReLU(),
-                                  ConvNorm(dims[0] // 2, dims[0], 3, stride=2, bias=True), nn.ReLU())
-        total = sum(depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, start, prev = [], 0, dims[0]
-        self.feature_info = []
-        for i, (dim, depth) in enumerate(zip(dims, depths)):
-            stages.append(SwiftFormerStage(prev, dim, depth, i > 0, rates[start:start + depth], config))
-            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
-            start, prev = start + depth, dim
-        self.stages = nn.ModuleList(stages)
-        self.num_features = dims[-1]
-        self.norm = nn.BatchNorm2d(dims[-1])
-        self._init_heads()
+        self.stem = conv_stem(config.in_chans, dims[0], nn.ReLU)
+        rates = drop_path_rates(config.drop_path_rate, depths)
+        self.stages = nn.ModuleList(SwiftFormerStage(dims[max(i - 1, 0)], dim, depth, i > 0, rates[i], config)
+                                    for i, (dim, depth) in enumerate(zip(dims, depths)))
+        self.feature_info = [stage_info(i, dim, 2 ** (i + 2)) for i, dim in enumerate(dims)]
+        self._init_heads(nn.BatchNorm2d(dims[-1]))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -185,23 +169,25 @@ class SwiftFormer(ClassifierModel):
                     nn.init.zeros_(m.bias)
 
     @torch.no_grad()
-    def fuse(self) -> "SwiftFormer":
+    def finish_deploy_(self) -> None:
         """Deploy form: the common folding, plus channels-last weights for the stem and the downsamplers (the
         blocks' deploy forms run on channels-last maps)."""
-        super().fuse()
+        super().finish_deploy_()
         for module in [self.stem, *(stage.downsample for stage in self.stages)]:
-            _channels_last_conv(module)
+            channels_last_weights_(module)
         self.channels_last = True
-        return self
 
 
-def _variant(name, dims, depths, params_m, gmacs, top1, latency_ms):
-    register_model(name, SwiftFormer, SwiftFormerConfig(embed_dims=dims, depths=depths), family="swiftformer",
-                   timm_name=name, published=dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms,
-                                                  latency_device="iPhone 14 (Core ML)"))
+def _variant(dims, depths, params_m, gmacs, top1, latency_ms):
+    return Variant(SwiftFormerConfig(embed_dims=dims, depths=depths),
+                   dict(params_m=params_m, gmacs=gmacs, top1=top1, latency_ms=latency_ms,
+                        latency_device="iPhone 14 (Core ML)"))
 
 
-_variant("swiftformer_xs", (48, 56, 112, 220), (3, 3, 6, 4), 3.475, 0.602, 75.7, 0.7)
-_variant("swiftformer_s", (48, 64, 168, 224), (3, 3, 9, 6), 6.092, 0.985, 78.5, 0.8)
-_variant("swiftformer_l1", (48, 96, 192, 384), (4, 3, 10, 5), 12.058, 1.596, 80.9, 1.1)
-_variant("swiftformer_l3", (64, 128, 320, 512), (4, 4, 12, 6), 28.495, 4.008, 83.0, 1.9)
+MODEL = SwiftFormer
+VARIANTS = {  # the registry reads these (edgevits.registry); timm names them alike
+    "swiftformer_xs": _variant((48, 56, 112, 220), (3, 3, 6, 4), 3.475, 0.602, 75.7, 0.7),
+    "swiftformer_s": _variant((48, 64, 168, 224), (3, 3, 9, 6), 6.092, 0.985, 78.5, 0.8),
+    "swiftformer_l1": _variant((48, 96, 192, 384), (4, 3, 10, 5), 12.058, 1.596, 80.9, 1.1),
+    "swiftformer_l3": _variant((64, 128, 320, 512), (4, 4, 12, 6), 28.495, 4.008, 83.0, 1.9),
+}

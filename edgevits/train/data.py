@@ -17,14 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from ..errors import DataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 _FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
-
-
-class DataError(ValueError):
-    """A data folder that cannot be used as it is; the message says what was expected and what was found."""
 
 
 # ---- folder layout -------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import FusedLinear
+from ..misc import DeployModule
+
 REVISIONS = ("current", "legacy")
 
 
@@ -33,6 +36,9 @@ class AdditiveAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.final = nn.Linear(dim, dim)
 
+    def extra_repr(self) -> str:
+        return f"revision={self.revision!r}"
+
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         q = F.normalize(self.to_query(x), dim=-1)  # (B, N, D)
         k = F.normalize(self.to_key(x), dim=-1)
@@ -41,29 +47,28 @@ class AdditiveAttention(nn.Module):
         g = (a * q).sum(dim=1, keepdim=True)  # (B, 1, D): global query
         return self.final(self.proj(g * k) + q)
 
-    def extra_repr(self) -> str:
-        return f"revision={self.revision!r}"
-
     @torch.no_grad()
     def fuse(self) -> "AdditiveAttentionDeploy":
         return AdditiveAttentionDeploy(self)
 
 
-class AdditiveAttentionDeploy(nn.Module):
+class AdditiveAttentionDeploy(DeployModule, nn.Module):
     """Inference form of ``AdditiveAttention``, same outputs: the query and key Linears run as one matmul, the
-    1/sqrt(D) scale is folded into ``w_g``, and the global query is one batched matmul over the tokens."""
+    1/sqrt(D) scale is folded into ``w_g``, the global query is one batched matmul over the tokens, and the Linears
+    are ``FusedLinear`` (``forward(x, hw, residual)`` adds a residual inside the last one)."""
 
     def __init__(self, src: AdditiveAttention):
         super().__init__()
         self.revision = src.revision
         dim = src.w_g.shape[0]
-        self.qk = nn.Linear(dim, 2 * dim, device=src.w_g.device, dtype=src.w_g.dtype)
+        self.qk = FusedLinear(dim, 2 * dim, device=src.w_g.device, dtype=src.w_g.dtype)
         self.qk.weight.copy_(torch.cat([src.to_query.weight, src.to_key.weight]))
         self.qk.bias.copy_(torch.cat([src.to_query.bias, src.to_key.bias]))
         self.register_buffer("w_g", (src.w_g * src.scale).detach().clone())
-        self.proj, self.final = src.proj, src.final
+        self.proj, self.final = FusedLinear.from_linear(src.proj), FusedLinear.from_linear(src.final)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         q, k = self.qk(x).chunk(2, dim=-1)  # (B, N, D) each
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         if self.revision == "current":
@@ -71,4 +76,4 @@ class AdditiveAttentionDeploy(nn.Module):
             g = a.transpose(1, 2) @ q  # (B, 1, D)
         else:  # the legacy softmax over a size-1 axis is exactly 1: g is the plain sum of the queries
             g = q.sum(dim=1, keepdim=True)
-        return self.final(self.proj(g * k) + q)
+        return self.final(self.proj(g * k, residual=q), residual=residual)

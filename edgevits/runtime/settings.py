@@ -8,9 +8,9 @@ import torch
 
 @contextlib.contextmanager
 def num_threads(threads: int | None):
-    """``torch.set_num_threads(threads)`` for a ``with`` block (``None`` or 0: unchanged)."""
+    """``torch.set_num_threads(threads)`` for a ``with`` block (``None``, 0 or negative: unchanged)."""
     before = torch.get_num_threads()
-    if threads:
+    if threads and threads > 0:
         torch.set_num_threads(threads)
     try:
         yield

@@ -51,6 +51,7 @@ def test_analyze_command_prints_and_writes(tmp_path, capsys):
     assert json.loads((tmp_path / "attention.json").read_text())["tokens"] == [16, 64]
     assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["analyze", "attention", "--attentions", "nope", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_the_command_line_reports_a_bad_layout_without_a_traceback(tmp_path, capsys):

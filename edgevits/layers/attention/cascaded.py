@@ -159,6 +159,8 @@ class CascadedGroupAttentionDeploy(DeployModule, nn.Module):
 
     def _dw_matrices(self, size: Size) -> list[torch.Tensor]:
         weights = [getattr(self, f"dw_weight{i}") for i in range(self.num_heads)]
+        if torch.compiler.is_compiling():  # compile and export trace fake tensors: no storage to key a cache on;
+            return [dw_matrix(w, size) for w in weights]  # the graph builds the matrices from the weights instead
         key = tuple(tensor_stamp(w) for w in weights)
         hit = self._dw_cache.get(size)
         if hit is None or hit[0] != key:

@@ -6,7 +6,8 @@ from .errors import (BackendUnavailable, CheckpointError, ConfigError, DataError
 from .fuse import fuse_model
 from .measure.flops import count_macs, count_params
 from .registry import create_model, get_entry, list_models
-from .runtime import deploy, export, tune_malloc
+from .runtime import deploy, tune_malloc
+from .runtime.export import export
 
 __version__ = "0.1.0"
 

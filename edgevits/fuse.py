@@ -35,18 +35,22 @@ def fuse_model(model: nn.Module) -> nn.Module:
     Linear. Outputs equal the eval-mode outputs of ``model``. Calling it on a fused model changes nothing.
     """
     deployed = copy.deepcopy(model).eval()
-    if not getattr(deployed, "is_deploy_form", False):
+    if getattr(deployed, "is_deploy_form", False):
+        return deployed
+    # the new layers' default initialisation (overwritten at once) must not draw from the caller's RNG
+    cuda = sorted({t.device.index or 0 for t in deployed.parameters() if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
         deployed = _fuse(deployed)
         finish = getattr(deployed, "finish_deploy_", None)
         if callable(finish):
             finish()
-        deployed.eval()
-        _to_normal_tensors(deployed)
-        for p in deployed.parameters():
-            p.requires_grad_(False)
-        deployed.is_deploy_form = True
-        if hasattr(type(deployed), "forward_context"):
-            deployed.forward_context = fused_scope  # the fast kernels' global checks, once per forward pass
+    deployed.eval()
+    _to_normal_tensors(deployed)
+    for p in deployed.parameters():
+        p.requires_grad_(False)
+    deployed.is_deploy_form = True
+    if hasattr(type(deployed), "forward_context"):
+        deployed.forward_context = fused_scope  # the fast kernels' global checks, once per forward pass
     return deployed
 
 

@@ -28,26 +28,35 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_BUILTINS_LOADED = False
 
 
 def register_model(name: str, model_cls: type, config: Any, *, family: str, published: dict | None = None,
                    timm_name: str | None = None) -> None:
-    """Register ``name``; a name registered twice is a programming error and raises."""
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
-    if not dataclasses.is_dataclass(config):
+    """Register ``name`` next to the built-in variants; a name registered twice (a built-in one included) is a
+    programming error and raises."""
+    _ensure_loaded()
+    _add(ModelEntry(name, family, model_cls, config, dict(published or {}), timm_name))
+
+
+def _add(entry: ModelEntry) -> None:
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} is already registered")
+    if not dataclasses.is_dataclass(entry.config):
         raise TypeError("a model config must be a dataclass instance")
-    _REGISTRY[name] = ModelEntry(name, family, model_cls, config, dict(published or {}), timm_name)
+    _REGISTRY[entry.name] = entry
 
 
 def _ensure_loaded() -> None:
-    """Register the variants of every family module (``MODEL`` and ``VARIANTS``) once."""
-    if _REGISTRY:
+    """Register the variants of every family module (``MODEL`` and ``VARIANTS``) once, before anything else."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
         return
+    _BUILTINS_LOADED = True
     for module in FAMILY_MODULES:
         for name, variant in module.VARIANTS.items():
-            register_model(name, module.MODEL, variant.config, family=module.MODEL.family,
-                           published=variant.published, timm_name=variant.timm_name or name)
+            _add(ModelEntry(name, module.MODEL.family, module.MODEL, variant.config, dict(variant.published),
+                            variant.timm_name or name))
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ from torch import nn
 from .measure.reference import calibrate_bn, calibrated, import_timm, randomize_
 from .runtime.parity import parity, rel_err
 
-__all__ = ["IMAGE_CLASSES", "PARITY_FACTOR", "class_image", "make_image_folder", "UNIT_ROUNDOFF", "assert_parity", "calibrate_bn", "calibrated", "float64_reference",
-           "import_timm", "logits_of", "parity", "randomize_", "rel_err"]
+__all__ = ["IMAGE_CLASSES", "PARITY_FACTOR", "UNIT_ROUNDOFF", "assert_parity", "calibrate_bn", "calibrated",
+           "calibrated_variant", "class_image", "float64_reference", "import_timm", "logits_of", "make_image_folder",
+           "parity", "randomize_", "rel_err"]
 
 
 # The float32 tolerance of the test suite: a multiple of the rounding actually present, never a constant tuned on
@@ -34,6 +36,14 @@ __all__ = ["IMAGE_CLASSES", "PARITY_FACTOR", "class_image", "make_image_folder",
 # every family's smallest variant (tests/test_models.py checks that it does).
 PARITY_FACTOR = 10.0
 UNIT_ROUNDOFF = 2.0 ** -24  # float32: no float32 result can be closer to the exact one than this, relatively
+
+
+@functools.cache
+def calibrated_variant(name: str, size: int = 96) -> nn.Module:
+    """A registered variant built for ``size`` with randomised weights and calibrated BatchNorms (``calibrated``),
+    built once per process and shared: do not change it (``copy.deepcopy`` it first)."""
+    from .registry import create_model
+    return calibrated(create_model(name, img_size=size), batches=1, batch_size=4, size=size)
 
 
 def float64_reference(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    _add_debug(parser)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every parser, so that it may stand anywhere on the command line."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of an error instead of one line")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug(child)
 
 
 def one_line(e: BaseException) -> str:
@@ -43,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except USER_ERRORS as e:
-        if os.environ.get("EDGEVITS_DEBUG"):
+        if getattr(args, "debug", False) or os.environ.get("EDGEVITS_DEBUG"):
             raise
-        print(f"edgevits {args.command}: error: {one_line(e)}", file=sys.stderr)
+        hint = "" if isinstance(e, EdgevitsError) else " (--debug shows where it came from)"
+        print(f"edgevits {args.command}: error: {one_line(e)}{hint}", file=sys.stderr)
         return 2
 
 

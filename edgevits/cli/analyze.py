@@ -10,6 +10,7 @@ from ..measure.analyze import DEFAULT_TOKENS, METRICS, analyze_attention, analyz
 from ..measure.plots import plot_attention
 from .common import csv_of, progress_steps, wide_console
 
+
 def _fmt(metric: str, v) -> str:
     if v is None:
         return "-"
@@ -48,7 +49,7 @@ def _cmd_attention(args) -> int:
                  "not_reached": "not within the measured range", "not_measured": "not measured"}[c["status"]]
         console.print(f"additive attention cheaper than MHSA in {kind}: {where}")
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)  # error messages may hold [...]
     env = result.environment
     console.print(f"{env['date_utc']}, torch {env['torch']}, {env['threads']} thread(s), load average "
                   f"{env['loadavg_start']} -> {env['loadavg_end']}")
@@ -72,9 +73,14 @@ def _cmd_swap(args) -> int:
     for col in ("attention", "params (M)", "GMACs", "latency (ms)", "IQR (ms)"):
         table.add_column(col, justify="left" if col == "attention" else "right")
     for r in result["records"]:
-        table.add_row(r["attention"], f"{r['params_m']:.3f}", f"{r['gmacs']:.3f}", f"{r['latency_ms']:.1f}",
-                      f"{r['latency_iqr_ms']:.1f}")
+        timed = r["latency_ms"] is not None
+        table.add_row(r["attention"], f"{r['params_m']:.3f}", f"{r['gmacs']:.3f}",
+                      f"{r['latency_ms']:.1f}" if timed else "failed", f"{r['latency_iqr_ms']:.1f}" if timed else "-")
     console.print(table)
+    for r in result["records"]:
+        if r.get("error"):
+            console.print(f"failed: {result['model']} with {r['attention']}: {r['error']}", markup=False,
+                          highlight=False)
     console.print(f"{env['date_utc']}, torch {env['torch']}, load average {env['loadavg_start']} -> "
                   f"{env['loadavg_end']}")
     if args.json:

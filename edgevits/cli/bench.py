@@ -84,6 +84,7 @@ def _print_result(result: dict, spec, console) -> None:
 
 
 def add_bench(sub) -> None:
+    """``edgevits bench ...``."""
     from ..runtime.backends import BACKENDS
     p = sub.add_parser("bench", help="measure params, GMACs, latency and throughput on this machine")
     p.add_argument("models", nargs="*", help="model names (default: every registered model)")

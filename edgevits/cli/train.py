@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -16,10 +17,27 @@ def _cmd_train(args) -> int:
         base = {**saved["config"], "resume": None, "stop_after": None}
         if args.output is None:
             base["output"] = str(resume_path(args.resume).parent)
-    result = train(config_from_args(args, base), log=lambda msg: print(msg, flush=True))
+    cfg = config_from_args(args, base)
+    result = train(cfg, log=lambda msg: print(msg, flush=True), progress=_EpochBar if cfg.progress else None)
     if result.metrics and os.environ.get("RANK", "0") == "0":
         print(f"best val top-1 {result.best_top1:.4f} at epoch {result.best_epoch}; outputs in {result.output}")
     return 0
+
+
+class _EpochBar:
+    """The bar ``train`` draws over an epoch's batches (its ``progress``): tqdm on stderr, cleared when the epoch
+    ends, showing the running loss and learning rate."""
+
+    def __init__(self, batches, total: int, description: str):
+        from tqdm import tqdm
+        self._bar = tqdm(batches, total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def __iter__(self):
+        return iter(self._bar)
+
+    def set_postfix(self, loss: float, lr: float) -> None:
+        """Show the step's loss and learning rate after the bar."""
+        self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
 
 
 def add_train(sub) -> None:

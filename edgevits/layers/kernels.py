@@ -17,9 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .misc import DeployModule, gelu_
+from .misc import DeployModule, gelu_, tensor_stamp
 
 ACTS = (None, "gelu", "relu")
+
+
+def fusable_act(act: nn.Module) -> str | None:
+    """The name under which the fused layers apply ``act`` (``"gelu"`` for the exact GELU, ``"relu"``), or None
+    for an activation they cannot fuse (which then runs as its own module)."""
+    if type(act) is nn.GELU and act.approximate == "none":
+        return "gelu"
+    return "relu" if type(act) is nn.ReLU else None
+
+
+# The probes' tensors: float32 on the CPU whatever default dtype or device is in force at first use (the answer is
+# cached for the process).
+_PROBE = dict(dtype=torch.float32, device="cpu")
 
 
 @functools.cache
@@ -28,9 +41,9 @@ def linear_probe() -> tuple[bool, bool]:
     import (``import edgevits`` runs no kernel)."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.ones(2, 4), torch.ones(3, 4)
+        x, w = torch.ones(2, 4, **_PROBE), torch.ones(3, 4, **_PROBE)
         ok = torch.allclose(op(x, w, None, "gelu", [], "none"), F.gelu(x @ w.t()))
-        ok = ok and torch.allclose(op.binary(x, torch.ones(2, 3), w, None, "add"), x @ w.t() + 1)
+        ok = ok and torch.allclose(op.binary(x, torch.ones(2, 3, **_PROBE), w, None, "add"), x @ w.t() + 1)
     except Exception:  # noqa: BLE001  (absent op, a build without oneDNN, ...)
         return False, False
     try:
@@ -97,14 +110,32 @@ def fused_scope():
 GEMM_GELU_MAX = 1 << 18
 
 
+_CACHE = "_onednn_packed"  # the attribute of a kernel cache's owner that holds it
+
+
+class KernelCache:
+    """Mixed into a module that keeps kernels' copies of its weights (``_prepared``, ``gemm_rows``): the copies
+    stay out of deep copies and pickles (an opaque oneDNN tensor can be neither) and are dropped when ``.to()`` /
+    ``.half()`` move the weights; the next call rebuilds them."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop(_CACHE, None)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop(_CACHE, None)
+        return super()._apply(fn, recurse)
+
+
 def _prepared(owner: nn.Module, w: torch.Tensor, kind: str, prepare, extra=None) -> torch.Tensor:
     """``prepare(w)``, a kernel's own copy of a weight (``kind``: "gemm" transposed, "onednn" packed), cached on
     ``owner`` outside its state dict, one entry per kind, keyed on the weight's storage and version counter (so
     in-place edits are honoured) and on ``extra``; the cache is dropped on copy, pickle and ``.to()``."""
     if w.is_inference():  # no version counter to key a cache on: prepared per call
         return prepare(w)
-    key = (w._version, w.data_ptr(), extra)
-    cache = owner.__dict__.setdefault("_onednn_packed", {})
+    key = (tensor_stamp(w), extra)
+    cache = owner.__dict__.setdefault(_CACHE, {})
     hit = cache.get(kind)
     if hit is None or hit[0] != key:
         with torch.no_grad():
@@ -159,7 +190,7 @@ def _plain_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
     return y
 
 
-class FusedLinear(DeployModule, nn.Linear):
+class FusedLinear(KernelCache, DeployModule, nn.Linear):
     """A Linear whose call can fuse an activation or a residual add: ``self(x, act="gelu")`` (or ``"relu"``),
     ``self(x, residual=r)``.
 
@@ -195,8 +226,8 @@ class FusedLinear(DeployModule, nn.Linear):
                 and not (residual.requires_grad and torch.is_grad_enabled()))):
             if act != "gelu" or x.numel() // self.in_features * self.out_features <= GEMM_GELU_MAX:
                 rows = x.reshape(-1, self.in_features)
-                y = _gemm(rows, _prepared(self, self.weight, "gemm", _transposed), self.bias, act,
-                          None if residual is None else residual.reshape(rows.shape[0], -1))
+                y = gemm_rows(self, rows, self.weight, self.bias, act,
+                              None if residual is None else residual.reshape(rows.shape[0], -1))
                 return y.view(out_shape)
             packed = _prepared(self, self.weight, "onednn", torch.ops.mkldnn._reorder_linear_weight) \
                 if linear_probe()[1] else self.weight
@@ -206,23 +237,14 @@ class FusedLinear(DeployModule, nn.Linear):
             return _plain_act(y, act)
         return y if residual is None else y + residual
 
-    def __getstate__(self):
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state.pop("_onednn_packed", None)
-        return state
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_onednn_packed", None)
-        return super()._apply(fn, recurse)
-
 
 @functools.cache
 def conv_probe() -> bool:
     """Whether this build's oneDNN convolution with post-ops (and weight pre-packing) works (probed on first use)."""
     try:
         op = torch.ops.mkldnn._convolution_pointwise
-        x = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
-        w = torch.ones(2, 2, 1, 1)
+        x = torch.ones(1, 2, 3, 3, **_PROBE).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(2, 2, 1, 1, **_PROBE)
         packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
         ref = F.conv2d(x, w)
         ok = torch.allclose(op(x, packed, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none"), F.gelu(ref))
@@ -241,10 +263,10 @@ def _conv_ops():
     return torch.ops.mkldnn._convolution_pointwise.default, torch.ops.mkldnn._convolution_pointwise.binary
 
 
-class FusedConv(DeployModule, nn.Module):
+class FusedConv(KernelCache, DeployModule, nn.Module):
     """Deploy-form ``act(conv(x) + residual)`` (residual and act optional; act None, exact GELU or ReLU).
 
-    On CPU, for float32 channels-last maps in plain eager inference (``layers.onednn.fused_kernels_usable``: no
+    On CPU, for float32 channels-last maps in plain eager inference (``fused_kernels_usable``: no
     autograd, tracing, export, compiling or FLOP counting), this runs one of two fast kernels:
 
     - a 1x1 conv (stride 1, no padding, one group) is a matrix product on the (B*H*W, C) view of the map (MKL's
@@ -309,15 +331,6 @@ class FusedConv(DeployModule, nn.Module):
         if residual is not None:
             y = y + residual
         return _plain_act(y, self.act)
-
-    def __getstate__(self):  # deepcopy/pickle: leave the opaque packed weight behind, it is rebuilt on demand
-        state = self.__dict__.copy()
-        state.pop("_onednn_packed", None)
-        return state
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_onednn_packed", None)
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"act={self.act}"

@@ -18,7 +18,8 @@ It then fits the exponent of each cost against N (least squares on log-log, over
 ``fit_from``; for latency also of the fastest repeat, the figure other processes disturb least) and finds the
 token count at which additive attention becomes cheaper than plain MHSA.
 Measurements that would take too long or too much memory (predicted from the previous points) are skipped with a
-note rather than exhausting the machine; FLOPs are still counted for them (on the meta device, no memory used).
+note rather than exhausting the machine; FLOPs are still counted for them (on the meta device, no memory used). An
+attention that raises while measured is measured no further, with a note naming it and the error.
 The CLI (``edgevits analyze attention``) prints a table and writes JSON and a log-log PNG plot.
 """
 from __future__ import annotations
@@ -75,9 +76,11 @@ class AttentionAnalysis:
         return out
 
     def to_dict(self) -> dict:
+        """Every field as plain JSON-ready data."""
         return asdict(self)
 
     def save_json(self, path: str) -> str:
+        """Write ``to_dict()`` as JSON to ``path`` (its folder created); returns ``path``."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
@@ -248,16 +251,17 @@ def _analyze(result: AttentionAnalysis, seed, max_call_s, max_mem_mib, target_s,
              reuse_memory, on_step) -> None:
     """Build the attentions, count, measure (``_measure``) and fit; fills ``result``."""
     names, tokens, dim, fit_from = result.names, result.tokens, result.dim, result.fit_from
-    torch.manual_seed(seed)
-    modules = {name: REGISTRY[name](dim).eval() for name in names}
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG state is left as it was
+        torch.manual_seed(seed)
+        modules = {name: REGISTRY[name](dim).eval() for name in names}
     metas = {name: copy.deepcopy(m).to("meta") for name, m in modules.items()}
     records = {(name, n): dict(attention=name, tokens=n, flops=count_flops(metas[name], n, dim), latency_ms=None,
                                latency_iqr_ms=None, latency_min_ms=None, repeats=0, peak_mib=None, skipped=None)
                for name in names for n in tokens}
     with reuse_freed_memory(reuse_memory) as reused:
         result.environment["reuse_freed_memory"] = reused
-        _measure(result, modules, records, tokens, dim, max_call_s, max_mem_mib, target_s, min_repeats,
-                 max_repeats, on_step)
+        _measure(result, modules, records, dim, (max_call_s, max_mem_mib), (target_s, min_repeats, max_repeats),
+                 torch.Generator().manual_seed(seed), on_step)
     result.records = [records[(name, n)] for name in names for n in tokens]
     for name in names:
         result.exponents[name] = {
@@ -274,56 +278,91 @@ def _analyze(result: AttentionAnalysis, seed, max_call_s, max_mem_mib, target_s,
         result.notes.append(f"crossover needs both {CHALLENGER!r} and {BASELINE!r} among the attentions")
 
 
-def _measure(result, modules, records, tokens, dim, max_call_s, max_mem_mib, target_s, min_repeats, max_repeats,
-             on_step) -> None:
-    """Latency (round-robin over the attentions at each N) and peak memory; fills ``records`` in place."""
-    names = list(modules)
-    history: dict[str, dict[str, list]] = {name: {"t": [], "m": []} for name in names}
-    skipped: dict[str, str] = {}
-    done, total = 0, len(names) * len(tokens)
-    for n in tokens:
-        hw = token_grid(n)
-        x = torch.randn(1, n, dim)
-        live = []
-        for name in names:
-            if name not in skipped:
-                t_pred = _predict(history[name]["t"], n)
-                m_pred = _predict(history[name]["m"], n)
-                if t_pred is not None and t_pred > max_call_s:
-                    skipped[name] = f"from N={n}: predicted {t_pred:.2f} s per call > {max_call_s} s"
-                elif m_pred is not None and m_pred > max_mem_mib:
-                    skipped[name] = f"from N={n}: predicted peak {m_pred:.0f} MiB > {max_mem_mib:.0f} MiB"
-                if name in skipped:
-                    result.notes.append(f"{name}: latency and memory not measured {skipped[name]}")
-            if name in skipped:
-                records[(name, n)]["skipped"] = skipped[name]
-                done += 1
-                if on_step:
-                    on_step(done, total, f"{name} N={n} (skipped)")
-            else:
-                live.append(name)
+def _time_adaptive(runners: dict[str, Callable], x: torch.Tensor, target_s: float, min_repeats: int,
+                   max_repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time ``runners`` round-robin, each for about ``target_s`` seconds of repeats (within ``min_repeats`` ..
+    ``max_repeats``, sized from one first call each). Returns ``time_interleaved``'s ``(times, errors)``: a runner
+    that raised in either pass is in ``errors`` only."""
+    estimate, errors = time_interleaved(runners, x, warmup=1, repeats=1, min_repeats=1, budget_s=math.inf,
+                                        settle=False)
+    need = {name: int(min(max_repeats, max(min_repeats, math.ceil(target_s / max(t[0], 1e-6)))))
+            for name, t in estimate.items()}
+    times, late = time_interleaved({name: runners[name] for name in need}, x, warmup=0,
+                                   repeats=max(need.values(), default=0), min_repeats=max_repeats, budget_s=math.inf,
+                                   settle=False, counts=need)
+    return times, {**errors, **late}
+
+
+def _quartiles(ts: list[float]) -> tuple[float, float, float]:
+    """Median, interquartile range and minimum of a list of timings."""
+    ts = sorted(ts)
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    return statistics.median(ts), q[2] - q[0], ts[0]
+
+
+def _drop_costly(result, history, dropped: dict[str, str], n: int, max_call_s: float, max_mem_mib: float) -> None:
+    """Add to ``dropped`` (attention -> why) those whose predicted time per call or peak memory at ``n`` tokens
+    exceeds the limits, with a note for each."""
+    for name, h in history.items():
+        if name in dropped:
+            continue
+        t_pred, m_pred = _predict(h["t"], n), _predict(h["m"], n)
+        if t_pred is not None and t_pred > max_call_s:
+            dropped[name] = f"from N={n}: predicted {t_pred:.2f} s per call > {max_call_s} s"
+        elif m_pred is not None and m_pred > max_mem_mib:
+            dropped[name] = f"from N={n}: predicted peak {m_pred:.0f} MiB > {max_mem_mib:.0f} MiB"
+        if name in dropped:
+            result.notes.append(f"{name}: latency and memory not measured {dropped[name]}")
+
+
+def _measure(result, modules, records, dim, limits, repeats, gen, on_step) -> None:
+    """Latency (round-robin over the attentions at each N) and peak memory; fills ``records`` in place.
+
+    ``limits``: (max_call_s, max_mem_mib); ``repeats``: (target_s, min_repeats, max_repeats); ``gen`` draws the
+    inputs. An attention that raises is measured no further, as one predicted too costly: its records say why in
+    ``skipped`` and a note names it and the error."""
+    history: dict[str, dict[str, list]] = {name: {"t": [], "m": []} for name in modules}
+    dropped: dict[str, str] = {}
+    done, total = 0, len(modules) * len(result.tokens)
+    for n in result.tokens:
+        hw, x = token_grid(n), torch.randn(1, n, dim, generator=gen)
+        _drop_costly(result, history, dropped, n, *limits)
+        runners = {name: (lambda _x, m=m: m(x, hw)) for name, m in modules.items() if name not in dropped}
         with torch.inference_mode():
-            runners = {name: (lambda _x, m=modules[name]: m(x, hw)) for name in live}
-            estimate, _ = time_interleaved(runners, x, warmup=1, repeats=1, min_repeats=1, budget_s=math.inf,
-                                           settle=False)
-            for name in live:
-                peak = peak_memory_bytes(lambda: modules[name](x, hw)) / 2 ** 20
-                records[(name, n)]["peak_mib"] = round(peak, 4)
-                history[name]["m"].append((n, max(peak, 1e-6)))
-            need = {name: int(min(max_repeats, max(min_repeats, math.ceil(target_s / max(estimate[name][0], 1e-6)))))
-                    for name in live}
-            times, _ = time_interleaved(runners, x, warmup=0, repeats=max(need.values(), default=0),
-                                        min_repeats=max_repeats, budget_s=math.inf, settle=False, counts=need)
-        for name in live:
-            ts = sorted(times[name])
-            q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-            med = statistics.median(ts)
-            records[(name, n)].update(latency_ms=round(med * 1e3, 5), latency_iqr_ms=round((q[2] - q[0]) * 1e3, 5),
-                                      latency_min_ms=round(ts[0] * 1e3, 5), repeats=len(ts))
-            history[name]["t"].append((n, med))
+            times, errors = _time_adaptive(runners, x, *repeats)
+            peaks = {name: peak_memory_bytes(lambda m=modules[name]: m(x, hw)) / 2 ** 20 for name in times}
+        for name, error in errors.items():
+            dropped[name] = f"since it failed at N={n}: {error}"
+            result.notes.append(f"{name}: latency and memory not measured {dropped[name]}")
+        for name in modules:
+            if name in times:
+                med, iqr, fastest = _quartiles(times[name])
+                records[(name, n)].update(latency_ms=round(med * 1e3, 5), latency_iqr_ms=round(iqr * 1e3, 5),
+                                          latency_min_ms=round(fastest * 1e3, 5), repeats=len(times[name]),
+                                          peak_mib=round(peaks[name], 4))
+                history[name]["t"].append((n, med))
+                history[name]["m"].append((n, max(peaks[name], 1e-6)))
+            else:
+                records[(name, n)]["skipped"] = dropped[name]
             done += 1
             if on_step:
-                on_step(done, total, f"{name} N={n}")
+                on_step(done, total, f"{name} N={n}" + ("" if name in times else " (skipped)"))
+
+
+def _build_swaps(model: str, names: list[str], img_size: int, on_step) -> tuple[dict, dict]:
+    """``model`` with each attention of ``names`` (seeded weights, the caller's RNG left alone): ``(records,
+    deploy forms)``, the records with parameters and GMACs."""
+    models, records = {}, {}
+    for i, name in enumerate(names):
+        with torch.random.fork_rng(devices=[]):  # fuse_model draws too (the init of the layers it builds)
+            torch.manual_seed(0)
+            net = create_model(model, attention=name).eval()
+            models[name] = fuse_model(net)
+        records[name] = dict(attention=name, params_m=round(count_params(net) / 1e6, 4),
+                             gmacs=round(count_macs(net, img_size) / 1e9, 4))
+        if on_step:
+            on_step(i + 1, 2 * len(names), f"built {model} with {name}")
+    return records, models
 
 
 def analyze_swaps(model: str = "swiftformer_xs", names: list[str] | None = None, img_size: int = 224, *,
@@ -333,7 +372,9 @@ def analyze_swaps(model: str = "swiftformer_xs", names: list[str] | None = None,
     CPU latency (median, deploy form from ``fuse_model``, models timed round-robin) at ``img_size``.
 
     Returns ``{"model", "img_size", "records": [{"attention", "params_m", "gmacs", "latency_ms",
-    "latency_iqr_ms", "repeats"}], "environment"}``.
+    "latency_iqr_ms", "repeats", "error"}], "environment"}``. A model that raises while timed is not timed further:
+    its ``latency_ms`` and ``latency_iqr_ms`` are None and ``error`` names the exception and its message (None
+    for the others).
     """
     names = list(names or REGISTRY)
     unknown = [n for n in names if n not in REGISTRY]
@@ -341,31 +382,20 @@ def analyze_swaps(model: str = "swiftformer_xs", names: list[str] | None = None,
         raise ValueError(f"unknown attention(s) {', '.join(unknown)}; choose from {', '.join(REGISTRY)}")
     with num_threads(threads):
         env = _environment(torch.get_num_threads())
-        models, records = {}, {}
-        for i, name in enumerate(names):
-            torch.manual_seed(0)
-            net = create_model(model, attention=name).eval()
-            records[name] = dict(attention=name, params_m=round(count_params(net) / 1e6, 4),
-                                 gmacs=round(count_macs(net, img_size) / 1e9, 4))
-            models[name] = fuse_model(net)
-            if on_step:
-                on_step(i + 1, 2 * len(names), f"built {model} with {name}")
-        x = torch.randn(1, 3, img_size, img_size)
+        records, models = _build_swaps(model, names, img_size, on_step)
+        x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
         with reuse_freed_memory(reuse_memory) as reused, torch.inference_mode():
             env["reuse_freed_memory"] = reused
-            estimate, _ = time_interleaved(models, x, warmup=1, repeats=1, min_repeats=1, budget_s=math.inf,
-                                           settle=False)
-            need = {n: int(min(max_repeats, max(min_repeats, math.ceil(target_s / max(t[0], 1e-6)))))
-                    for n, t in estimate.items()}
-            times, _ = time_interleaved(models, x, warmup=0, repeats=max(need.values()), min_repeats=max_repeats,
-                                        budget_s=math.inf, settle=False, counts=need)
+            times, errors = _time_adaptive(models, x, target_s, min_repeats, max_repeats)
         if on_step:
             on_step(2 * len(names), 2 * len(names), "timed")
-    for name, ts in times.items():
-        ts.sort()
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        records[name].update(latency_ms=round(statistics.median(ts) * 1e3, 3),
-                             latency_iqr_ms=round((q[2] - q[0]) * 1e3, 3), repeats=len(ts))
+    for name in names:
+        if name in times:
+            med, iqr, _ = _quartiles(times[name])
+            records[name].update(latency_ms=round(med * 1e3, 3), latency_iqr_ms=round(iqr * 1e3, 3),
+                                 repeats=len(times[name]), error=None)
+        else:
+            records[name].update(latency_ms=None, latency_iqr_ms=None, repeats=0, error=errors[name])
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     env["loadavg_end"] = list(load) if load else None
     return {"model": model, "img_size": img_size, "records": [records[n] for n in names], "environment": env}

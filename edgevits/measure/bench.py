@@ -12,7 +12,6 @@ import math
 import platform
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,10 +21,10 @@ import torch
 from ..errors import BackendUnavailable
 from ..fuse import fuse_model
 from ..registry import create_model, get_entry, list_models
-from ..runtime.allocator import tune_malloc
+from ..runtime.allocator import malloc_tuned
 from ..runtime.backends import BACKENDS, GRAPH_BACKENDS, make_runner
 from ..runtime.settings import num_threads
-from ..runtime.timing import describe_error, sync, time_interleaved
+from ..runtime.timing import describe_error, time_interleaved
 from .flops import count_macs, count_params
 from .plots import plot_latency_vs_top1
 from .reference import import_timm, timm_twin
@@ -49,7 +48,8 @@ class BenchSpec:
     min_repeats: int = 5
     budget_s: float = 3.0  # time budget per model and batch size for the timed runs of all its runners
     compare: str | None = None  # "timm": the same variants from timm, same weights, interleaved
-    tune_malloc: bool = True  # keep freed activation memory in the process (edgevits.runtime.allocator), for every runner
+    tune_malloc: bool = True  # keep freed activation memory in the process while the bench runs, for every runner
+    # (edgevits.runtime.allocator.malloc_tuned; the settings in force before are restored after the run)
 
 
 def measure_peak_gflops(threads: int | None = None, n: int | None = None, repeats: int = 8, device: str = "cpu",
@@ -63,23 +63,18 @@ def measure_peak_gflops(threads: int | None = None, n: int | None = None, repeat
 
 
 def _peak(n: int, repeats: int, device: str, dtype: torch.dtype, budget_s: float) -> float | None:
+    """GFLOP/s of the fastest of up to ``repeats`` timed ``n`` x ``n`` matmuls (``time_interleaved``, one runner);
+    None where the matmul cannot run (no kernel for ``dtype`` on ``device``, or no memory for it)."""
     try:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        for _ in range(2):
-            a @ b
-        sync(device)
-    except RuntimeError:  # no matmul kernel for this dtype on this device (or no memory for it)
+    except RuntimeError:  # no memory for the operands
         return None
-    best, start = math.inf, time.perf_counter()
-    for i in range(repeats):
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    times, _ = time_interleaved({"matmul": lambda _x: a @ b}, a, warmup=2, repeats=repeats, min_repeats=2,
+                                budget_s=budget_s, device=device, settle=False)
+    if not times.get("matmul"):  # it raised: no matmul kernel for this dtype on this device, or no memory
+        return None
+    return 2 * n ** 3 / min(times["matmul"]) / 1e9
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -125,16 +120,18 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     A backend that cannot be built, or a runner that raises while being timed, is recorded (``status``
     "skipped"/"failed" with the reason in ``note``) and the run goes on without it. ``peak_fraction`` is against a
     matmul in the bench's own dtype on its own device (None where that cannot be measured). ``spec.threads`` holds
-    for the run only; ``spec.tune_malloc`` applies ``tune_malloc`` for the rest of the process (see there)."""
+    for the run only, and so does ``spec.tune_malloc``: the whole run is measured inside ``malloc_tuned`` (see
+    ``edgevits.runtime.allocator``), which restores the malloc settings in force before it; ``machine["malloc_tuned"]``
+    records whether the tuning took effect."""
     check_spec(spec)
     say = progress or (lambda message: None)
     dtype = DTYPES[spec.dtype]
-    with num_threads(spec.threads), tempfile.TemporaryDirectory(prefix="edgevits-bench-") as tmp:
-        malloc_tuned = tune_malloc() if spec.tune_malloc else False
+    with num_threads(spec.threads), malloc_tuned(spec.tune_malloc) as tuned, \
+            tempfile.TemporaryDirectory(prefix="edgevits-bench-") as tmp:
         peak = measure_peak_gflops(None, device=spec.device, dtype=dtype)
         machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": spec.device,
-                   "dtype": spec.dtype, "peak_gflops_measured": peak, "malloc_tuned": malloc_tuned}
+                   "dtype": spec.dtype, "peak_gflops_measured": peak, "malloc_tuned": tuned}
         records = []
         for name in spec.models or list_models():
             subject = _build_subject(spec, name, Path(tmp), say)

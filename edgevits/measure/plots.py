@@ -1,4 +1,5 @@
-"""Plots of what the measurements return (PNG files; matplotlib with the Agg backend, no display needed)."""
+"""Plots of what the measurements return (PNG files). Drawn with matplotlib's object-oriented API (``Figure``,
+``savefig``), which renders PNGs without pyplot and leaves the process-wide backend alone; no display needed."""
 from __future__ import annotations
 
 import os
@@ -8,9 +9,8 @@ from pathlib import Path
 def plot_latency_vs_top1(records: list[dict], path: str | Path) -> None:
     """Published ImageNet top-1 against measured batch-1 latency of our fastest backend, one line per family
     (the papers' Figure 1, on this machine)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
     batch = min(r["batch"] for r in records)
     best: dict[str, dict] = {}
     for r in records:
@@ -18,14 +18,15 @@ def plot_latency_vs_top1(records: list[dict], path: str | Path) -> None:
             continue
         if r["model"] not in best or r["median_ms"] < best[r["model"]]["median_ms"]:
             best[r["model"]] = r
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
     for family in sorted({r["family"] for r in best.values()}):
         pts = sorted((r["median_ms"], r["top1"], r["model"]) for r in best.values() if r["family"] == family)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
         for ms, top1, name in pts:
             ax.annotate(name.split("_", 1)[-1], (ms, top1), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 7, 8, 10 rather than 7x10^0
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 7, 8, 10 rather than 7x10^0
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"latency, batch {batch}, fastest backend (ms, log scale)")
@@ -35,19 +36,17 @@ def plot_latency_vs_top1(records: list[dict], path: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_attention(result, path: str) -> str:
     """Write a log-log PNG: FLOPs, latency and peak memory against N, one line per attention (the legend gives
     the fitted exponent). Returns ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     titles = {"flops": "FLOPs (matrix products)", "latency_ms": "latency, batch 1, CPU (ms)",
               "peak_mib": "peak tensor memory (MiB)"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig = Figure(figsize=(16, 4.8))
+    axes = fig.subplots(1, 3)
     for ax, metric in zip(axes, ("flops", "latency_ms", "peak_mib")):
         for name, series in result.values(metric).items():
             pts = [(n, v) for n, v in sorted(series.items()) if v]
@@ -69,5 +68,4 @@ def plot_attention(result, path: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -11,6 +11,7 @@ met at run time), a bias that is never stale (see ``edgevits.layers.bias``), and
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -141,12 +142,14 @@ class Meta3D(nn.Module):
     @torch.no_grad()
     def fuse(self) -> "Meta3DDeploy":
         """Fold the LayerNorm affines into the following Linears and the layer scales into the preceding ones (the
-        attention is in its deploy form by now: ``MHSADeploy``, whose projections are still Linears)."""
-        _fold_ln_affine(self.norm1, self.attn.qkv)
-        _fold_ln_affine(self.norm2, self.mlp.fc1)
-        scale_output_(self.attn.proj, self.ls1.gamma)
-        scale_output_(self.mlp.fc2, self.ls2.gamma)
-        return Meta3DDeploy(self.norm1, self.attn, self.norm2, self.mlp.fc1, self.mlp.fc2)
+        attention is in its deploy form by now: ``MHSADeploy``, whose projections are still Linears). The folds
+        write into a copy: ``fuse()`` leaves its source as it was."""
+        src = copy.deepcopy(self)
+        _fold_ln_affine(src.norm1, src.attn.qkv)
+        _fold_ln_affine(src.norm2, src.mlp.fc1)
+        scale_output_(src.attn.proj, src.ls1.gamma)
+        scale_output_(src.mlp.fc2, src.ls2.gamma)
+        return Meta3DDeploy(src.norm1, src.attn, src.norm2, src.mlp.fc1, src.mlp.fc2)
 
 
 class Meta3DDeploy(DeployModule, nn.Module):

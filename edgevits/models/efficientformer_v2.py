@@ -6,12 +6,14 @@ tables are resized bicubically, per runtime size), and the attention bias is nev
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..layers import ConvNorm, DeployModule, DropPath, FusedConv, LayerScale, scale_output_, to_2tuple
+from ..layers import (ConvNorm, DeployModule, DropPath, FusedConv, LayerScale, channels_last_weights_, scale_output_,
+                      to_2tuple)
 from ..layers.attention.attention4d import Attention4D, Attention4DDownsample
 from .base import ClassifierModel, ModelConfig, Variant, conv_stem, drop_path_rates, stage_info
 
@@ -105,7 +107,9 @@ class EfficientFormerV2BlockDeploy(DeployModule, nn.Module):
 
     def __init__(self, src: EfficientFormerV2Block):
         super().__init__()
-        self.token_mixer, self.mlp = src.token_mixer, src.mlp  # in their deploy forms by now
+        # in their deploy forms by now; copied, since the layer scales fold into them (fuse() leaves its source as
+        # it was)
+        self.token_mixer, self.mlp = copy.deepcopy((src.token_mixer, src.mlp))
         scale_output_(self.mlp.fc2.conv, src.layer_scale_2.gamma)
         if self.token_mixer is not None:
             scale_output_(self.token_mixer.proj.conv, src.layer_scale_1.gamma)
@@ -205,7 +209,7 @@ class EfficientFormerV2(ClassifierModel):
         strides."""
         super().finish_deploy_()
         self.stem = nn.Sequential(FusedConv(self.stem[0], "gelu"), FusedConv(self.stem[2], "gelu"))
-        self.to(memory_format=torch.channels_last)
+        channels_last_weights_(self)
         self.channels_last = True
 
 

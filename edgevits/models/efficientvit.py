@@ -23,7 +23,7 @@ from torch import nn
 
 from ..layers import ConvNorm, DeployModule, DropPath, FusedConv, FusedLinear, NormLinear, folded_conv, to_2tuple
 from ..layers.attention.cascaded import LocalWindowAttention
-from ..layers.kernels import fused_kernels_usable, gemm_rows, map_rows, rows_map
+from ..layers.kernels import KernelCache, fused_kernels_usable, gemm_rows, map_rows, rows_map
 from .base import ClassifierModel, ModelConfig, Variant, drop_path_rates, stage_info
 
 
@@ -87,7 +87,7 @@ class FFN(nn.Module):
         return FFNDeploy(folded_conv(self.pw1), folded_conv(self.pw2))
 
 
-class FFNDeploy(DeployModule, nn.Module):
+class FFNDeploy(KernelCache, DeployModule, nn.Module):
     """Deploy FFN on channels-last maps: two 1x1 convs as matrix products on the map's rows whatever the batch
     (``gemm_rows``, the fast path of ``FusedConv``), the ReLU fused into the first, the residual accumulated by the
     second. Both products run on one view of the rows: at batch 1 the per-call overhead of two separate layers costs
@@ -98,30 +98,16 @@ class FFNDeploy(DeployModule, nn.Module):
         self.pw1, self.pw2 = FusedConv(pw1, "relu"), FusedConv(pw2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The two convs' parameter tables, reached without nn.Module's attribute lookups (about 1.5 us each, a third
-        # of the FFN's cost at batch 1). The tables, not the tensors, are kept: whoever swaps a parameter
-        # (torch.export fakes them while tracing, load_state_dict(assign=True)) swaps the table's entry.
-        tables = self.__dict__.get("_tables")
-        if tables is None:
-            tables = self.__dict__["_tables"] = (self.pw1.conv._parameters, self.pw2.conv._parameters)
-        p1, p2 = tables
+        # the convs' parameters through the module dicts: nn.Module's attribute lookups cost about 1.5 us each, a
+        # third of the FFN's time at batch 1
+        p1 = self._modules["pw1"]._modules["conv"]._parameters
+        p2 = self._modules["pw2"]._modules["conv"]._parameters
         w1 = p1["weight"]
         if not (fused_kernels_usable(x, w1) and x.is_contiguous(memory_format=torch.channels_last)):
             return self.pw2(self.pw1(x), residual=x)  # the same layers, ordinary ops
         rows = map_rows(x)
         hidden = gemm_rows(self, rows, w1, p1["bias"], "relu", kind="gemm1")
         return rows_map(gemm_rows(self, hidden, p2["weight"], p2["bias"], residual=rows, kind="gemm2"), x)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_tables", None)
-        state.pop("_onednn_packed", None)
-        return state
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_tables", None)
-        self.__dict__.pop("_onednn_packed", None)
-        return super()._apply(fn, recurse)
 
 
 class SqueezeExcite(nn.Module):

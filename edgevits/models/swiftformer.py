@@ -5,6 +5,7 @@ official code since 2023-07-26, the default) or ``"legacy"`` (first release / Hu
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,9 @@ class ConvEncoder(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> "ConvEncoderDeploy":
-        scale_output_(self.pw2, self.layer_scale.gamma)
-        return ConvEncoderDeploy(self.dw, self.pw1, self.pw2)
+        deployed = ConvEncoderDeploy(self.dw, self.pw1, self.pw2)
+        scale_output_(deployed.pw2, self.layer_scale.gamma)  # into the deploy form's own copy
+        return deployed
 
 
 class ConvEncoderDeploy(DeployModule, nn.Module):
@@ -106,8 +108,9 @@ class SwiftFormerBlockDeploy(DeployModule, nn.Module):
 
     def __init__(self, src: SwiftFormerBlock):
         super().__init__()
-        # the children are in their deploy forms by now (fuse_model fuses bottom-up)
-        self.local, self.attn, self.mlp = src.local, src.attn, src.mlp
+        # the children are in their deploy forms by now (fuse_model fuses bottom-up); copied, since the layer
+        # scales fold into them and fuse() leaves its source as it was
+        self.local, self.attn, self.mlp = copy.deepcopy((src.local, src.attn, src.mlp))
         gamma1 = src.layer_scale_1.gamma.detach().reshape(-1)
         self.fused_attn = isinstance(self.attn, AdditiveAttentionDeploy)  # its final Linear takes scale, residual
         if self.fused_attn:
@@ -125,7 +128,7 @@ class SwiftFormerBlockDeploy(DeployModule, nn.Module):
             t = self.attn(t, (h, w), residual=t)
         else:
             t = t + self.attn(t, (h, w)) * self.gamma1
-        t = self.mlp(t, residual=t)
+        t = self.mlp.forward_tokens(t, residual=t)
         return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 

@@ -3,10 +3,10 @@ parity check, the one timer and the one parity check, the allocator setting, and
 from .allocator import reuse_freed_memory, tune_malloc
 from .backends import BACKENDS, GRAPH_BACKENDS, make_runner
 from .choose import Deployed, deploy
-from .export import FORMATS, GRAPH_FORMS, export, export_onnx, export_openvino
-from .parity import check_parity, parity, rel_err
+from .export import FORMATS, GRAPH_FORMS, export_onnx, export_openvino
+from .parity import check_parity, rel_err
 from .timing import describe_error, time_interleaved
 
 __all__ = ["BACKENDS", "FORMATS", "GRAPH_BACKENDS", "GRAPH_FORMS", "Deployed", "check_parity", "deploy",
-           "describe_error", "export", "export_onnx", "export_openvino", "make_runner", "parity", "rel_err",
+           "describe_error", "export_onnx", "export_openvino", "make_runner", "rel_err",
            "reuse_freed_memory", "time_interleaved", "tune_malloc"]

@@ -14,6 +14,7 @@ def describe_error(e: BaseException) -> str:
 
 
 def sync(device: str) -> None:
+    """Wait for the queued work on ``device`` to finish (CUDA); nothing to wait for on the CPU."""
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
 

@@ -1,7 +1,7 @@
 """The training loop: one process or many (torchrun + DDP), atomic checkpoints, exact resume.
 
-``train(config)`` returns a ``TrainResult`` and prints nothing: it calls the ``log`` function it is given (rank 0
-only).
+``train(config)`` returns a ``TrainResult`` and prints nothing: it reports through the ``log`` and ``progress``
+callbacks it is given (rank 0 only).
 
 Files in the output folder:
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -40,10 +39,27 @@ from .optim import Schedule, clip_gradients, param_groups, resolve
 from .ema import ModelEma
 from .losses import DistillationLoss
 
+Log = Callable[[str], None]
+"""``log(message)``: receives the run's messages (progress notes, warnings, one line per epoch)."""
+Progress = Callable[[Iterable, int, str], Iterable]
+"""``progress(batches, total, description) -> batches``: wraps each epoch's batch loop (e.g. in a progress bar).
+When what it returns has a ``set_postfix`` method, the loop calls ``set_postfix(loss=..., lr=...)`` (floats: the
+step's loss and learning rate) every 10 steps."""
+
+
+def _no_log(message: str) -> None:
+    """The default ``log``: drops the message."""
+
+
+def _no_progress(batches: Iterable, total: int, description: str) -> Iterable:
+    """The default ``progress``: the batches unchanged."""
+    return batches
 
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns: the output folder, the metrics rows, the best validation top-1 and its epoch."""
+
     output: Path
     metrics: list[dict] = field(default_factory=list)
     best_top1: float = -1.0
@@ -51,13 +67,12 @@ class TrainResult:
     finished: bool = False  # False when --stop-after ended the run early
 
 
-# ---- distributed setup -------------------------------------------------------------------------------------------
-
 # ---- model, teacher, optimiser, schedule --------------------------------------------------------------------------
 
-def build_student(cfg: TrainConfig, num_classes: int, log: Callable[[str], None] = print) -> nn.Module:
-    """The student: fresh, or from ``cfg.checkpoint`` with its head reset when the class count differs. A
-    distillation head missing from the checkpoint starts as a copy of the class head."""
+def build_student(cfg: TrainConfig, num_classes: int, log: Log | None = None) -> nn.Module:
+    """The student: fresh, or from ``cfg.checkpoint`` with its head reset (said through ``log``) when the class
+    count differs. A distillation head missing from the checkpoint starts as a copy of the class head."""
+    log = log or _no_log
     want_dist = cfg.distillation != "none"
     common = dict(img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     if not cfg.checkpoint:
@@ -85,10 +100,12 @@ def build_student(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]
     return model
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int, log: Callable[[str], None] = print) -> nn.Module:
-    """The teacher from ``--teacher`` (a model name, with ``--teacher-checkpoint``, or an edgevits checkpoint).
-    Raises ``CheckpointError`` when its checkpoint names no model or predicts another number of classes."""
+def build_teacher(cfg: TrainConfig, num_classes: int, log: Log | None = None) -> nn.Module:
+    """The teacher from ``--teacher`` (a model name, with ``--teacher-checkpoint``, or an edgevits checkpoint);
+    a teacher without weights is warned about through ``log``. Raises ``CheckpointError`` when its checkpoint
+    names no model or predicts another number of classes."""
     from ..checkpoint import CheckpointError
+    log = log or _no_log
     spec = cfg.teacher
     if os.path.isfile(spec):
         _, meta = read_checkpoint(spec)
@@ -108,23 +125,22 @@ def build_teacher(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]
     return teacher.eval().requires_grad_(False)
 
 
-
-
-# ---- evaluation ----------------------------------------------------------------------------------------------------
-
-# ---- resume state --------------------------------------------------------------------------------------------------
-
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data``; see the module docstring for what is written where."""
+def train(cfg: TrainConfig, log: Log | None = None, progress: Progress | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; see the module docstring for what is written where.
+
+    ``log`` receives the run's messages and ``progress`` wraps each epoch's batch loop (see ``Log`` and
+    ``Progress``), on rank 0 only; by default nothing is reported. ``cfg.progress`` is the command line's switch
+    for passing a progress bar."""
     rt = setup_runtime(cfg.device)
-    log = log if rt.main else (lambda *_: None)
+    log = log if rt.main and log is not None else _no_log
+    progress = progress if rt.main and progress is not None else _no_progress
     try:
         with num_threads(cfg.threads):  # --threads applies to this run only
             run = _build_run(cfg, rt, log)
             _restore(run, log)
-            return _loop(run, log)
+            return _loop(run, log, progress)
     finally:
         if rt.owns_group:
             dist.destroy_process_group()
@@ -188,7 +204,7 @@ def _loaders(cfg: TrainConfig, rt: Runtime):
     return classes, len(train_ds), sampler, tloader, vloader
 
 
-def _build_run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> _Run:
+def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
     """Data, model, teacher, loss, optimiser, EMA, schedule and mixer of a run (nothing restored yet)."""
     state = load_state(cfg.resume) if cfg.resume else None
     classes, train_size, sampler, tloader, vloader = _loaders(cfg, rt)
@@ -211,7 +227,7 @@ def _build_run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None]) -> _Ru
                 opt, ema, schedule, mixer, state=state)
 
 
-def _restore(run: _Run, log: Callable[[str], None]) -> None:
+def _restore(run: _Run, log: Log) -> None:
     """Seed the per-process random stream, load the training state to resume from (if any), write config.json
     and the metrics kept so far, and wrap the model for DDP."""
     cfg, rt = run.cfg, run.rt
@@ -244,7 +260,7 @@ def _restore(run: _Run, log: Callable[[str], None]) -> None:
             run.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
-def _loop(run: _Run, log: Callable[[str], None]) -> TrainResult:
+def _loop(run: _Run, log: Log, progress: Progress) -> TrainResult:
     """The epochs from where the run stands to ``--epochs`` (or ``--stop-after``): train, evaluate, save, log."""
     cfg, derived = run.cfg, run.derived
     if derived["min_lr"] != cfg.min_lr:
@@ -255,7 +271,7 @@ def _loop(run: _Run, log: Callable[[str], None]) -> TrainResult:
         f"{run.steps_per_epoch} steps/epoch, lr {derived['lr']:.3g}, EMA {derived['ema_decay']:.6g}")
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(run.start_epoch, last_epoch):
-        stats = _train_epoch(run, epoch)
+        stats = _train_epoch(run, epoch, progress)
         row = _evaluate_epoch(run, epoch, stats)
         run.rows.append(row)
         improved = row["val_top1"] > run.best_top1
@@ -272,8 +288,9 @@ def _loop(run: _Run, log: Callable[[str], None]) -> TrainResult:
     return result
 
 
-def _train_epoch(run: _Run, epoch: int) -> dict:
-    """One epoch of training steps; returns the summed statistics (over processes) and the last learning rate."""
+def _train_epoch(run: _Run, epoch: int, progress: Progress) -> dict:
+    """One epoch of training steps (the batch loop wrapped by ``progress``); returns the summed statistics (over
+    processes) and the last learning rate."""
     cfg, rt = run.cfg, run.rt
     run.sampler.set_epoch(epoch)
     run.forward_model.train()
@@ -281,7 +298,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss x images, images, skipped, bad steps
     lr = run.schedule(epoch * run.steps_per_epoch)
     t0 = time.perf_counter()
-    bar = _progress(run.tloader, rt.main and cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
+    bar = progress(run.tloader, run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+    postfix = getattr(bar, "set_postfix", None)
     for step, (x, y, skipped) in enumerate(bar):
         sums[2] += skipped
         if any_process(x is None or x.shape[0] < 2, rt):
@@ -294,8 +312,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
                                      "raise --warmup-epochs")
         sums[0] += loss.detach().double() * x.shape[0]
         sums[1] += x.shape[0]
-        if rt.main and cfg.progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if postfix is not None and step % 10 == 0:
+            postfix(loss=loss.item(), lr=lr)
     loss_sum, images, skipped_images, skipped_steps = all_reduce(sums, rt).tolist()
     return {"train_loss": loss_sum / max(images, 1.0), "lr": lr, "train_images": int(images),
             "skipped_train_images": int(skipped_images), "skipped_steps": int(skipped_steps),
@@ -361,10 +379,3 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool) -> None:
              "best_epoch": run.best_epoch, "rng": rng, "config": cfg.to_dict(), "classes": run.classes}
     atomic_write(run.out / "last.state.pt", lambda tmp: torch.save(state, tmp))
     save_checkpoint(run.model, run.out / "last.safetensors", extra=meta, state_dict=weights)
-
-
-def _progress(iterable, show: bool, desc: str):
-    if not show:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)

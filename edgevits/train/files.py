@@ -9,8 +9,6 @@ import torch
 
 from ..checkpoint import atomic_write
 
-_TIMING_KEYS = ("img_per_s", "epoch_time_s", "eval_time_s")
-
 
 def resume_path(path: str | os.PathLike) -> Path:
     """``OUT``, ``OUT/last.safetensors``, ``OUT/last.json`` or ``OUT/last.state.pt`` -> ``OUT/last.state.pt``."""
@@ -27,10 +25,12 @@ def resume_path(path: str | os.PathLike) -> Path:
 
 
 def load_state(path: str | os.PathLike) -> dict:
+    """The training state ``resume_path(path)`` names, read on the CPU (tensors and plain values only)."""
     return torch.load(str(resume_path(path)), map_location="cpu", weights_only=True)
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` as JSON lines, atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
@@ -38,8 +38,3 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The rows of a metrics.jsonl file."""
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
-
-
-def strip_timing(row: dict) -> dict:
-    """A metrics row without its wall-clock fields (what must match between a resumed and a straight run)."""
-    return {k: v for k, v in row.items() if k not in _TIMING_KEYS}

@@ -13,7 +13,8 @@ def test_checkpoint_of_another_variant_lists_the_shape_clashes(tmp_path):
     with pytest.raises(CheckpointError, match="saved from 'swiftformer_xs'"):
         edgevits.create_model("swiftformer_s", checkpoint=path)
     sd = edgevits.create_model("swiftformer_xs").state_dict()
-    with pytest.raises(CheckpointError, match=r"shape clashes \(\d+\): stages\.1\.downsample\.conv\.weight: checkpoint \(56, 48, 3, 3\) vs model \(64, 48, 3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"shape clashes \(\d+\): stages\.1\.downsample\.conv\.weight: "
+                                              r"checkpoint \(56, 48, 3, 3\) vs model \(64, 48, 3, 3\)"):
         edgevits.load_checkpoint(edgevits.create_model("swiftformer_s"), sd)
 
 

@@ -275,3 +275,78 @@ def test_drop_path_is_identity_in_eval_and_keeps_the_mean_in_training():
     assert dp.eval()(x) is x
     out = dp.train()(x)
     assert set(out.unique().tolist()) <= {0.0, 2.0} and abs(out.mean().item() - 1.0) < 0.1
+
+
+def _deploy_subjects():
+    from edgevits.layers import PreNormConvMlp
+    from edgevits.layers.attention.attention4d import Attention4D, Attention4DDownsample
+    return {
+        "prenorm_mlp": lambda act: PreNormConvMlp(32, 64, act=act),
+        "attention4d": lambda act: Attention4D(32, resolution=(7, 7), act=act),
+        "attention4d_stride": lambda act: Attention4D(32, resolution=(4, 4), stride=2, act=act),
+        "attention4d_downsample": lambda act: Attention4DDownsample(32, 48, resolution=7, act=act),
+    }
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU, nn.SiLU], ids=lambda a: a.__name__)
+@pytest.mark.parametrize("subject", list(_deploy_subjects()))
+def test_a_deploy_form_keeps_its_source_activation_and_input_layout(subject, act):
+    # fuse() fuses the exact GELU and ReLU into the kernels and runs any other activation as itself; the deploy
+    # form takes the same (B, C, H, W) maps as its source, in either memory format
+    from edgevits import fuse_model
+    from edgevits.testing import calibrate_bn, randomize_
+    torch.manual_seed(0)
+    model = calibrate_bn(randomize_(_deploy_subjects()[subject](act)), [torch.randn(4, 32, 7, 7)])
+    deployed = fuse_model(model)
+    x = torch.randn(2, 32, 7, 7)
+    with torch.no_grad():
+        ref = model(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            _parity(deployed(x.contiguous(memory_format=layout)), ref, float64_reference(model, x))
+
+
+def test_fuse_leaves_its_source_as_it_was():
+    # fuse() returns a new module: the folds (layer scales, LayerNorm affines) never write into the module it was
+    # called on. Walked bottom-up as fuse_model does, checking every module's state around its own fuse().
+    import edgevits
+    from edgevits.layers import DeployModule
+    from edgevits.testing import calibrated
+
+    def walk(module):
+        if isinstance(module, DeployModule):
+            return module
+        for name, child in list(module.named_children()):
+            setattr(module, name, walk(child))
+        if not callable(getattr(module, "fuse", None)):
+            return module
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        out = module.fuse()
+        after = module.state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert not changed, f"{type(module).__name__}.fuse() changed {changed[:3]}"
+        return out
+
+    for name in ("swiftformer_xs", "efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0"):
+        with torch.no_grad():
+            walk(calibrated(edgevits.create_model(name, img_size=64), size=64))
+
+
+def test_the_kernel_probes_ignore_the_default_dtype_and_device_at_first_use():
+    import subprocess
+    import sys
+    code = ("import torch\nfrom edgevits.layers import kernels\n{setup}"
+            "print(kernels.linear_probe(), kernels.conv_probe())\n")
+    plain = subprocess.run([sys.executable, "-c", code.format(setup="")], capture_output=True, text=True,
+                           check=True).stdout
+    odd = "torch.set_default_dtype(torch.float64)\ntorch.set_default_device('meta')\n"
+    assert subprocess.run([sys.executable, "-c", code.format(setup=odd)], capture_output=True, text=True,
+                          check=True).stdout == plain
+
+
+def test_fuse_model_leaves_the_global_rng_alone():
+    # its new layers' default initialisation (overwritten at once) once drew from the caller's random numbers
+    import edgevits
+    model = edgevits.create_model("efficientvit_m0", img_size=64).eval()
+    state = torch.get_rng_state()
+    edgevits.fuse_model(model)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -103,7 +103,7 @@ def test_csv_columns_have_a_fixed_order_whatever_the_first_record(tmp_path):
 
 
 def test_peak_is_measured_in_the_bench_dtype(monkeypatch):
-    seen = []
+    real, seen = bench.measure_peak_gflops, []
 
     def fake_peak(threads=None, n=None, repeats=8, device="cpu", dtype=torch.float32, budget_s=2.0):
         seen.append((device, dtype))
@@ -114,4 +114,24 @@ def test_peak_is_measured_in_the_bench_dtype(monkeypatch):
     result = run_bench(spec)
     assert set(seen) == {("cpu", torch.bfloat16)}
     assert result["records"][0]["peak_fraction"] == pytest.approx(result["records"][0]["gflops_per_s"] / 1000)
-    assert bench.measure_peak_gflops(n=256, repeats=2, dtype=torch.bfloat16) > 0
+    assert real(n=256, repeats=2, dtype=torch.bfloat16) > 0
+    assert real(n=8, repeats=2, dtype=torch.bool) is None  # no matmul kernel for bool
+
+
+def test_bench_tunes_malloc_for_its_run_only_and_restores_what_was_in_force(monkeypatch):
+    from edgevits.runtime import allocator
+    calls = []
+    monkeypatch.setattr(allocator, "_mallopt", lambda settings: calls.append(dict(settings)) or True)
+    monkeypatch.setattr(allocator, "_in_force", None)  # nothing set yet: glibc's defaults
+    monkeypatch.setattr(bench, "measure_peak_gflops", lambda *args, **kwargs: None)
+    spec = BenchSpec(models=["swiftformer_xs"], img_size=64, batch_sizes=(1,), backends=("eager",), warmup=0,
+                     repeats=1, min_repeats=1, budget_s=0.05)
+    assert run_bench(spec)["machine"]["malloc_tuned"] is True
+    assert calls == [allocator._TUNED, allocator._GLIBC_DEFAULTS]
+    calls.clear()
+    assert allocator.tune_malloc()  # the explicit process-wide call: a bench run afterwards leaves it in force
+    assert run_bench(spec)["machine"]["malloc_tuned"] is True
+    assert calls == [allocator._TUNED] * 3 and allocator._in_force == allocator._TUNED
+    calls.clear()
+    spec.tune_malloc = False
+    assert run_bench(spec)["machine"]["malloc_tuned"] is False and calls == []

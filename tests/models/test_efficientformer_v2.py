@@ -9,16 +9,9 @@ import torch
 import edgevits
 from edgevits.checkpoint import CheckpointError
 from edgevits.layers import RelPosBias, resize_table
-from edgevits.testing import assert_parity, calibrate_bn, float64_reference, import_timm, parity, randomize_
+from edgevits.testing import assert_parity, calibrate_bn, float64_reference, parity, randomize_
 
 VARIANTS = ["efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l"]
-
-
-def _timm_model(name, size=224, **kwargs):
-    timm = import_timm()
-    model = timm.create_model(name, img_size=size, **kwargs)
-    randomize_(model)  # the bias tables are randomised too
-    return calibrate_bn(model, [torch.randn(4, 3, size, size)])
 
 
 def _check(ours, ref, x):
@@ -31,8 +24,8 @@ def _biases(model):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_timm_weights_give_timm_logits(name):
-    ref = _timm_model(name, 128)  # both built for 128: bias tables of that grid
+def test_timm_weights_give_timm_logits(name, timm_reference):
+    ref = timm_reference(name, 128)  # both built for 128: bias tables of that grid
     model = edgevits.create_model(name, checkpoint=ref.state_dict(), img_size=128).eval()
     _check(model, ref, torch.randn(2, 3, 128, 128))
 
@@ -97,9 +90,9 @@ def _official_state_dict(ref):
     return sd
 
 
-def test_official_file_with_index_buffers_loads_and_matches(tmp_path):
+def test_official_file_with_index_buffers_loads_and_matches(tmp_path, timm_reference):
     name = "efficientformerv2_s0"
-    ref = _timm_model(name)
+    ref = timm_reference(name)
     sd = _official_state_dict(ref)
     assert "network.5.attn.q.local.0.weight" in sd and "network.4.5.token_mixer.proj.1.weight" in sd
     assert "network.5.attn.attention_bias_idxs" in sd and sd["network.5.attn.attention_bias_idxs"].shape == (49, 196)
@@ -113,9 +106,9 @@ def test_official_file_with_index_buffers_loads_and_matches(tmp_path):
 
 
 # -- bias tables ---------------------------------------------------------------------------------------------------
-def test_tables_resize_on_load_at_another_size():
+def test_tables_resize_on_load_at_another_size(timm_reference):
     name = "efficientformerv2_s0"
-    ref = _timm_model(name)
+    ref = timm_reference(name)
     at224 = edgevits.create_model(name, checkpoint=ref.state_dict()).eval()
     at256 = edgevits.create_model(name, img_size=256, checkpoint=ref.state_dict()).eval()
     shapes = sorted({tuple(b.shape) for b in _biases(at256)})
@@ -130,9 +123,9 @@ def test_tables_resize_on_load_at_another_size():
 
 
 @pytest.mark.parametrize("size", [160, 384, (192, 288)], ids=str)
-def test_deploy_form_matches_at_other_sizes(size):
+def test_deploy_form_matches_at_other_sizes(size, timm_reference):
     h, w = (size, size) if isinstance(size, int) else size
-    model = _timm_model("efficientformerv2_s0")
+    model = timm_reference("efficientformerv2_s0")
     model = edgevits.create_model("efficientformerv2_s0", checkpoint=model.state_dict()).eval()
     fused = edgevits.fuse_model(model)
     x = torch.randn(2, 3, h, w)

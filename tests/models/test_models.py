@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import edgevits
-from edgevits.testing import assert_parity, calibrated, float64_reference, parity, randomize_
+from edgevits.testing import assert_parity, calibrated, calibrated_variant, float64_reference, parity, randomize_
 
 MODELS = edgevits.list_models()
 SIZE = 96  # the training size of the calibrated models (bias tables built for it: the deploy form's cached path)
@@ -41,15 +41,10 @@ def _fresh(name):
     return copy.deepcopy(_default(name))
 
 
-@functools.cache
-def _calibrated(name):
-    """Randomised weights and calibrated BatchNorms (a sensitive comparison), built for SIZE; do not change it."""
-    return calibrated(edgevits.create_model(name, img_size=SIZE), batches=1, batch_size=4, size=SIZE)
-
 
 @functools.cache
 def _deployed(name):
-    return edgevits.fuse_model(_calibrated(name))
+    return edgevits.fuse_model(calibrated_variant(name))
 
 
 def _x(batch, size, seed=0):
@@ -117,7 +112,7 @@ def test_backward_reaches_every_parameter(name):
 
 @per_model
 def test_training_returns_two_heads_and_eval_their_mean(name):
-    model = copy.deepcopy(_calibrated(name))
+    model = copy.deepcopy(calibrated_variant(name))
     x = _x(2, SIZE)
     with torch.no_grad():
         model.train()
@@ -147,7 +142,7 @@ def _assert_deploy_equals_eval(model, fused, x):
 
 @per_model
 def test_fused_model_equals_eval_model_at_two_sizes_and_has_no_batchnorm(name):
-    model, fused = _calibrated(name), _deployed(name)
+    model, fused = calibrated_variant(name), _deployed(name)
     for size in (SIZE, OTHER):
         _assert_deploy_equals_eval(model, fused, _x(2, size))
     assert not [n for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -160,7 +155,7 @@ def test_fused_model_equals_eval_model_at_two_sizes_and_has_no_batchnorm(name):
 @pytest.mark.parametrize("name", ["swiftformer_xs", "efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0"])
 def test_the_parity_bound_fails_a_deploy_form_off_by_1e4(name):
     # the bound is a multiple of the rounding present; it must still catch a real mistake of 1e-4 (relative)
-    model = _calibrated(name) if name != "efficientvit_m0" else calibrated(edgevits.create_model(name))
+    model = calibrated_variant(name) if name != "efficientvit_m0" else calibrated(edgevits.create_model(name))
     size = SIZE if name != "efficientvit_m0" else 224  # M0 at 128 rounds to 2e-5: its bound would be 2e-4
     fused = edgevits.fuse_model(model)
     x = _x(2, size)
@@ -181,7 +176,7 @@ def test_the_parity_bound_fails_a_deploy_form_off_by_1e4(name):
 
 @per_model
 def test_a_safetensors_file_round_trips_also_after_reset_classifier(name, tmp_path):
-    model = copy.deepcopy(_calibrated(name))
+    model = copy.deepcopy(calibrated_variant(name))
     path = edgevits.save_checkpoint(model, tmp_path / "weights")
     again = edgevits.create_model(name, checkpoint=path).eval()
     x = _x(2, SIZE)
@@ -212,7 +207,7 @@ def test_reset_classifier_from_zero_back_to_n(name):
 
 @per_model
 def test_deploy_form_keeps_normalised_features_without_a_head_and_after_a_reset(name):
-    model = _calibrated(name)
+    model = calibrated_variant(name)
     x = _x(2, SIZE)
     fused = copy.deepcopy(_deployed(name))
     headless = edgevits.fuse_model(edgevits.create_model(name, checkpoint=model.state_dict(), num_classes=0,

@@ -16,7 +16,7 @@ import edgevits
 from edgevits.errors import ExportError
 from edgevits.runtime.export import check_onnx, export_onnx, onnx_session
 from edgevits.runtime.timing import time_interleaved
-from edgevits.testing import assert_parity, calibrated, float64_reference
+from edgevits.testing import assert_parity, calibrated, calibrated_variant, float64_reference
 
 SIZE = 96  # exported graphs are checked at this input size
 FAMILIES = ["efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0", "swiftformer_xs"]  # smallest each
@@ -27,10 +27,6 @@ def per_family(fn):
                                             for n in FAMILIES])(fn)
 
 
-@functools.cache
-def _calibrated(name, size=SIZE):
-    return calibrated(edgevits.create_model(name, img_size=size), batches=1, batch_size=4, size=size)
-
 
 @functools.cache
 def _workdir() -> Path:
@@ -40,14 +36,14 @@ def _workdir() -> Path:
 @functools.cache
 def _onnx(name) -> Path:
     """The deploy form exported to ONNX (the export checks itself at batch 1 and 3)."""
-    return export_onnx(_calibrated(name), _workdir() / f"{name}.onnx")
+    return export_onnx(calibrated_variant(name), _workdir() / f"{name}.onnx")
 
 
 @functools.cache
 def _openvino(name, form) -> Path:
     pytest.importorskip("openvino")
     from edgevits.runtime.export import export_openvino
-    return export_openvino(_calibrated(name), _workdir() / f"{name}-{form}.xml", form=form)
+    return export_openvino(calibrated_variant(name), _workdir() / f"{name}-{form}.xml", form=form)
 
 
 def _batch(b, size=SIZE, seed=0):
@@ -56,7 +52,7 @@ def _batch(b, size=SIZE, seed=0):
 
 @per_family
 def test_onnx_export_matches_pytorch_at_batch_1_and_3(name):
-    model = _calibrated(name)
+    model = calibrated_variant(name)
     session = onnx_session(_onnx(name))  # export_onnx checked batch 1 and 3 itself; check again here
     for b in (1, 3):
         x = _batch(b)
@@ -91,7 +87,7 @@ def test_openvino_runs_either_graph_form_with_the_models_outputs(name, form):
     else:
         path = _workdir() / f"{name}-deploy.xml"
         ov.save_model(ov.convert_model(str(_onnx(name))), str(path), compress_to_fp16=False)
-    model = _calibrated(name)
+    model = calibrated_variant(name)
     x = _batch(2)
     with torch.no_grad():
         out = torch.from_numpy(openvino_compiled(path)(x.numpy())[0])
@@ -100,7 +96,7 @@ def test_openvino_runs_either_graph_form_with_the_models_outputs(name, form):
 
 @pytest.mark.xdist_group("export-swiftformer_xs")
 def test_deploy_auto_equals_the_model():
-    model = _calibrated("swiftformer_xs")
+    model = calibrated_variant("swiftformer_xs")
     runner = edgevits.deploy(model, candidates=("eager", "eager_cl", "onnxruntime"), repeats=3)
     assert runner.backend in runner.timings_ms
     if runner.backend == "onnxruntime":  # the temporary exports: only the chosen backend's are kept
@@ -116,7 +112,7 @@ def test_deploy_auto_equals_the_model():
 
 def test_tune_malloc_stops_a_forward_pass_from_page_faulting_its_activations_back_in():
     import resource
-    from edgevits.runtime.allocator import _GLIBC_DEFAULTS, _mallopt
+    from edgevits.runtime.allocator import _GLIBC_DEFAULTS, _mallopt, malloc_tuned
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt only")
     model = edgevits.fuse_model(edgevits.create_model("swiftformer_xs"))
@@ -131,13 +127,14 @@ def test_tune_malloc_stops_a_forward_pass_from_page_faulting_its_activations_bac
                 model(x)
         return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
 
-    assert _mallopt(_GLIBC_DEFAULTS)  # glibc's defaults (an earlier test in this process may have tuned it)
-    untuned = faults_per_pass()
-    if untuned < 100:  # e.g. an allocator configured by the environment (MALLOC_* variables) or THP settings
-        edgevits.tune_malloc()
-        pytest.skip(f"this process does not page-fault its activations back in even untuned ({untuned:.0f} per pass)")
-    assert edgevits.tune_malloc()
-    tuned = faults_per_pass()
+    with malloc_tuned():  # on exit, the settings in force before this test, whatever it sets inside
+        assert _mallopt(_GLIBC_DEFAULTS)  # glibc's defaults (an earlier test in this process may have tuned it)
+        untuned = faults_per_pass()
+        if untuned < 100:  # e.g. an allocator configured by the environment (MALLOC_* variables) or THP settings
+            pytest.skip(f"this process does not page-fault its activations back in even untuned ({untuned:.0f} "
+                        "per pass)")
+        assert edgevits.tune_malloc()
+        tuned = faults_per_pass()
     assert tuned < untuned / 4, (tuned, untuned)  # measured: about 1,400 per pass untuned, 15-250 tuned
 
 
@@ -161,7 +158,8 @@ def test_deploy_rejects_a_candidate_whose_output_differs_and_falls_back(monkeypa
             return runner
         return lambda x: runner(x) + (x.shape[0] == 2)  # right at batch 1, wrong at batch 2
     monkeypatch.setattr(deploy_module, "make_runner", make)
-    runner = edgevits.deploy(_calibrated("swiftformer_xs"), candidates=("eager_cl", "eager"), img_size=64, repeats=3)
+    runner = edgevits.deploy(calibrated_variant("swiftformer_xs"), candidates=("eager_cl", "eager"), img_size=64,
+                             repeats=3)
     assert runner.backend == "eager" and "eager_cl" not in runner.timings_ms
     assert "differs" in runner.rejected["eager_cl"]
 

@@ -18,9 +18,14 @@ from edgevits.testing import assert_parity, class_image, make_image_folder
 from edgevits.train import TrainConfig, evaluate_checkpoint, read_metrics, train
 from edgevits.cli.train import add_train
 from edgevits.train.data import DataError, EpochSampler, Mixer, RandAugment, TrainTransform, scan_image_folder
-from edgevits.train.files import strip_timing
 from edgevits.train.losses import DistillationLoss, soft_cross_entropy
 
+_TIMING_KEYS = ("img_per_s", "epoch_time_s", "eval_time_s")
+
+
+def strip_timing(row: dict) -> dict:
+    """A metrics row without its wall-clock fields (what must match between a resumed and a straight run)."""
+    return {k: v for k, v in row.items() if k not in _TIMING_KEYS}
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +54,27 @@ LIGHT = dict(randaugment="none", mixup=0.0, cutmix=0.0, reprob=0.0, hflip=0.0, s
              color_jitter=0.0)
 
 
-def test_a_short_run_lowers_the_training_loss_and_writes_its_outputs(data, tmp_path):
-    result = train(quick(data, tmp_path, epochs=4, **LIGHT), log=lambda *_: None)
+class _RecordingBar:
+    """A ``progress`` for ``train`` that records its calls and passes the batches through."""
+
+    def __init__(self, calls: list, batches, total: int, description: str):
+        self.batches, self.postfixes = batches, []
+        calls.append((total, description, self))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def set_postfix(self, **values) -> None:
+        self.postfixes.append(values)
+
+
+def test_a_short_run_lowers_the_training_loss_and_writes_its_outputs(data, tmp_path, capsys):
+    calls = []
+    result = train(quick(data, tmp_path, epochs=4, **LIGHT), progress=lambda *a: _RecordingBar(calls, *a))
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""  # the library prints nothing (no log given: nothing said)
+    assert [(total, desc) for total, desc, _ in calls] == [(3, f"epoch {e}/4") for e in range(1, 5)]
+    assert all(bar.postfixes and set(bar.postfixes[0]) == {"loss", "lr"} for _, _, bar in calls)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and result.finished
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -255,6 +279,18 @@ def test_every_config_field_is_a_flag():
     sub = parser._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in sub._actions}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+
+
+def test_the_command_line_bar_passes_the_batches_through_and_shows_loss_and_lr_on_stderr(capsys):
+    from edgevits.cli.train import _EpochBar
+    bar = _EpochBar(range(3), 3, "epoch 1/2")
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix(loss=1.23456, lr=0.001)
+    out, err = capsys.readouterr()
+    assert seen == [0, 1, 2] and out == ""
+    assert "epoch 1/2" in err and "loss=1.235" in err and "lr=1.00e-03" in err
 
 
 def test_sampler_shares_every_image_between_processes_and_reseeds_each_epoch():

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..bias import RelPosBias, RelPosBiasDeploy
 from ..conv import ConvNorm, folded_conv, merge_convs
-from ..kernels import FusedConv
+from ..kernels import FusedConv, fusable_act
 from ..misc import DeployModule, gelu_, to_2tuple
 
 Size = tuple[int, int]
@@ -33,11 +33,6 @@ class InplaceGELU(nn.Module):
 def deploy_act(act: nn.Module) -> nn.Module:
     """The in-place variant of an exact GELU, any other activation unchanged."""
     return InplaceGELU() if type(act) is nn.GELU and act.approximate == "none" else act
-
-
-def _table(bias: RelPosBiasDeploy) -> torch.Tensor:
-    """The (heads, Ht*Wt) table of a bias module in its deploy form (children are fused before their parent)."""
-    return bias.table.detach()
 
 
 def _mix_heads(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -124,9 +119,12 @@ class Attention4DDeploy(DeployModule, nn.Module):
         kh = self.key_dim * self.num_heads
         self.splits = [kh, kh, self.dh]
         self.stride_conv = FusedConv(folded_conv(src.stride_conv)) if src.stride_conv is not None else None
-        self.qkv = FusedConv(merge_convs([folded_conv(src.q), folded_conv(src.k), folded_conv(src.v)], [src.scale, 1.0, 1.0]))
-        # v_local(v) + (attn v), then GELU unless the bilinear upsample comes first
-        self.v_local = FusedConv(folded_conv(src.v_local), None if src.stride_conv is not None else "gelu")
+        qkv = [folded_conv(src.q), folded_conv(src.k), folded_conv(src.v)]
+        self.qkv = FusedConv(merge_convs(qkv, [src.scale, 1.0, 1.0]))
+        # act(v_local(v) + attn v), the activation fused into v_local unless the bilinear upsample comes first
+        fused = fusable_act(src.act) if src.stride_conv is None else None
+        self.v_local = FusedConv(folded_conv(src.v_local), fused)
+        self.act = None if fused else deploy_act(src.act)
         heads = self.num_heads
         w1 = src.talking_head1.weight.detach().reshape(heads, heads)
         b1 = src.talking_head1.bias.detach()
@@ -134,9 +132,8 @@ class Attention4DDeploy(DeployModule, nn.Module):
         self.register_buffer("th2_weight", src.talking_head2.weight.detach().reshape(heads, heads).clone())
         self.register_buffer("th2_bias", src.talking_head2.bias.detach().reshape(heads, 1).clone())
         mixed = RelPosBias(heads, src.pos_bias.table_size).to(w1.device, w1.dtype)
-        mixed.attention_biases.copy_(w1 @ _table(src.pos_bias) + b1[:, None])
+        mixed.attention_biases.copy_(w1 @ src.pos_bias.table + b1[:, None])  # pos_bias: in its deploy form by now
         self.pos_bias = RelPosBiasDeploy(mixed)
-        self.act = deploy_act(src.act)
         self.proj = FusedConv(folded_conv(src.proj))  # the enclosing block passes its residual to it
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,12 +157,11 @@ class Attention4DDeploy(DeployModule, nn.Module):
         attn = _mix_heads(self.th2_weight, attn, self.th2_bias)
         out = (attn @ v).transpose(1, 2).reshape(B, h, w, self.dh).permute(0, 3, 1, 2)  # channels-last strides
         out = self.v_local(v_map, residual=out)
-        if self.stride_conv is None:
-            return self.proj(out, residual)  # the GELU ran inside v_local
-        # PyTorch's CPU bilinear kernel converts a channels-first input to channels-last and back on every
-        # call (slow transposing copies of the (dh, H, W) output); on a channels-last input it runs directly.
-        out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
-        return self.proj(self.act(out), residual)
+        if self.stride_conv is not None:
+            # PyTorch's CPU bilinear kernel converts a channels-first input to channels-last and back on every
+            # call (slow transposing copies of the (dh, H, W) output); on a channels-last input it runs directly.
+            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        return self.proj(out if self.act is None else self.act(out), residual)
 
 
 class LocalGlobalQuery(nn.Module):
@@ -240,9 +236,10 @@ class Attention4DDownsampleDeploy(DeployModule, nn.Module):
         self.q_proj = FusedConv(merge_convs([folded_conv(src.q.proj)], [src.scale]))
         self.kv = FusedConv(merge_convs([folded_conv(src.k), folded_conv(src.v)]))
         self.splits = [self.key_dim * self.num_heads, self.dh]
-        self.v_local = FusedConv(folded_conv(src.v_local), "gelu")  # GELU(v_local(v) + attn v)
+        fused = fusable_act(src.act)  # act(v_local(v) + attn v), fused into v_local where it can be
+        self.v_local = FusedConv(folded_conv(src.v_local), fused)
+        self.act = None if fused else deploy_act(src.act)
         self.pos_bias = src.pos_bias  # already in its deploy form
-        self.act = deploy_act(src.act)
         self.proj = FusedConv(folded_conv(src.proj))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,4 +257,5 @@ class Attention4DDownsampleDeploy(DeployModule, nn.Module):
         attn = (q @ k + self.pos_bias((h2, w2), (H, W), 2)).softmax(dim=-1)  # (B, heads, N/4, N)
         out = (attn @ v).transpose(1, 2).reshape(B, h2, w2, self.dh).permute(0, 3, 1, 2)  # channels-last strides
         v_map = kv[:, -self.dh:].contiguous(memory_format=torch.channels_last)
-        return self.proj(self.v_local(v_map, residual=out), residual)  # GELU inside v_local
+        out = self.v_local(v_map, residual=out)
+        return self.proj(out if self.act is None else self.act(out), residual)

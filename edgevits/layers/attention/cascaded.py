@@ -284,5 +284,5 @@ class LocalWindowAttentionDeploy(DeployModule, nn.Module):
         return f"window={self.window}"
 
 
-__all__ = ["CascadedGroupAttention", "CascadedGroupAttentionDeploy", "LocalWindowAttentionDeploy", "LocalWindowAttention",
-           "dw_matrix"]
+__all__ = ["CascadedGroupAttention", "CascadedGroupAttentionDeploy", "LocalWindowAttention",
+           "LocalWindowAttentionDeploy", "dw_matrix"]

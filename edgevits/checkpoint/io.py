@@ -19,28 +19,81 @@ META_KEY = "edgevits"
 StateDict = dict[str, torch.Tensor]
 
 
-def read_file(path: Path) -> tuple[dict, dict]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+RESAVE_HINT = ("re-save its weights where it was made: torch.save(model.state_dict(), 'weights.pth') or "
+               "edgevits.save_checkpoint(model, 'weights.safetensors')")
+
+
+def checkpoint_path(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """The weights file ``path`` names: a run folder gives its ``best.safetensors``; a missing file, a folder
+    without one, or the ``.json`` sidecar of an edgevits file (which holds no weights) is a ``CheckpointError``
+    that says what to pass instead."""
+    p = Path(path)
+    if p.is_dir():
+        best = p / "best.safetensors"
+        if not best.is_file():
+            raise CheckpointError(f"{what} {str(p)!r} is a folder without best.safetensors (a folder written by "
+                                  "edgevits train has one); pass a weights file")
+        return best
+    if not p.is_file():
+        raise CheckpointError(f"{what} {str(p)!r} does not exist")
+    if p.suffix == ".json":
+        twin = p.with_suffix(".safetensors")
+        where = f"its weights are in {str(twin)!r}: pass that" if twin.is_file() else "pass the weights file"
+        raise CheckpointError(f"{what} {str(p)!r} is a metadata sidecar, not weights; {where}")
+    return p
+
+
+def torch_load_safely(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load`` restricted to tensors and plain values (``weights_only=True``), with errors in our words: a
+    file holding other Python objects is refused without being unpickled (nothing in it runs), a truncated or
+    foreign file is named as such."""
+    import pickle
+    import re
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if "Weights only load failed" in str(e) and (found or _is_pickle(path)):
+            holds = f"a Python object ({found[0]})" if found else "Python objects"
+            raise CheckpointError(
+                f"{what} {str(path)!r} was not loaded: it holds {holds} other than tensors and plain values, and it "
+                f"was not unpickled, since unpickling can run any code. If you trust the file, {RESAVE_HINT}") from None
+        raise CheckpointError(f"{what} {str(path)!r} could not be read: it is truncated, corrupt or not a PyTorch "
+                              "file") from None
+    except Exception as e:  # noqa: BLE001  (torch raises OSError, EOFError, RuntimeError, KeyError... for bad files)
+        detail = str(e).splitlines()[0] if str(e) else "the file ends early"
+        raise CheckpointError(f"{what} {str(path)!r} could not be read: it is truncated, corrupt or not a PyTorch "
+                              f"file ({type(e).__name__}: {detail[:200]})") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """A zip archive (PyTorch's format) or a file opening with a pickle protocol marker."""
+    import zipfile
+    with open(path, "rb") as f:
+        return zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"
+
+
+def read_file(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict, dict]:
+    """``(contents, edgevits metadata)`` of a checkpoint file (``checkpoint_path`` resolves folders), read safely:
+    safetensors, or ``torch_load_safely``."""
+    path = checkpoint_path(path, what)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
+            info = json.loads(meta[META_KEY]) if META_KEY in meta else {}
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"could not read safetensors checkpoint {str(path)!r}: {e}") from e
-        info = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+            raise CheckpointError(f"{what} {str(path)!r} could not be read: it is truncated or not a safetensors "
+                                  f"file ({e})") from None
         return sd, info
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        msg = str(e).split("\n")[0]
-        raise CheckpointError(
-            f"could not read checkpoint {str(path)!r} safely (weights only): {msg}. If it is a trusted file that "
-            "stores other Python objects, re-save just its state dict.") from e
+    obj = torch_load_safely(path, what)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{what} {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj, {}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ def _unwrap(obj: dict) -> tuple[StateDict, str | None]:
 def read_checkpoint(src: str | os.PathLike | dict) -> tuple[StateDict, dict]:
     """Return ``(state_dict, metadata)`` from a path or an in-memory dict: an edgevits file's saved metadata, and
     for a training checkpoint ``{"wrapper": key}``, the key its weights were found under ({} otherwise)."""
-    obj, meta = ({}, {}) if isinstance(src, dict) else read_file(Path(src))
+    obj, meta = ({}, {}) if isinstance(src, dict) else read_file(src)
     sd, wrapper = _unwrap(src if isinstance(src, dict) else obj)
     return sd, ({**meta, "wrapper": wrapper} if wrapper else meta)
 

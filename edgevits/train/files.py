@@ -5,9 +5,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import atomic_write
+from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint.io import torch_load_safely
 
 
 def resume_path(path: str | os.PathLike) -> Path:
@@ -26,7 +25,10 @@ def resume_path(path: str | os.PathLike) -> Path:
 
 def load_state(path: str | os.PathLike) -> dict:
     """The training state ``resume_path(path)`` names, read on the CPU (tensors and plain values only)."""
-    return torch.load(str(resume_path(path)), map_location="cpu", weights_only=True)
+    state = torch_load_safely(resume_path(path), "training state")
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{resume_path(path)} is not a training state written by edgevits train")
+    return state
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:

@@ -25,12 +25,20 @@ class CheckpointError(EdgevitsError, ValueError):
     """A checkpoint that cannot be read safely or does not fit the model; the message says what was found."""
 
 
+class InputError(EdgevitsError, TypeError, ValueError):
+    """A tensor passed to a model that it cannot take (type, shape, dtype, device, empty batch)."""
+
+
 class DataError(EdgevitsError, ValueError):
     """A data folder or image that cannot be used as it is."""
 
 
 class ExportError(EdgevitsError, RuntimeError):
     """An export that failed or whose outputs disagree with PyTorch."""
+
+
+class EdgevitsWarning(UserWarning):
+    """Something a user should know that did not stop the work (the command line prints it as one line)."""
 
 
 class BackendUnavailable(EdgevitsError, RuntimeError):

@@ -1,5 +1,6 @@
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from edgevits.testing import calibrated, import_timm, make_image_folder
 
 torch.set_num_threads(max(1, int(os.environ.get("EDGEVITS_TEST_THREADS", "1"))))
+# edgevits' cache (exported graphs, downloads) in a folder of this test process, not the user's
+os.environ["EDGEVITS_CACHE"] = tempfile.mkdtemp(prefix="edgevits-test-cache-")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ ROOT = Path(edgevits.__file__).parent
 # A module may import only modules of a lower rank (or its own subpackage). Rooms of one rank do not import each
 # other. errors is at the bottom; testing (for tests and benchmarks) and the package's __init__ at the top.
 RANKS = {
-    "errors": 0, "layers": 1, "models": 2, "checkpoint": 3, "registry": 4, "fuse": 4,
+    "errors": 0, "version": 0, "layers": 1, "models": 2, "checkpoint": 3, "registry": 4, "fuse": 4,
     "runtime": 5, "measure": 6, "train": 6, "cli": 7, "testing": 8, "__init__": 9, "__main__": 9,
 }
 

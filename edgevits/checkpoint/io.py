@@ -97,6 +97,14 @@ def read_file(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict, 
     return obj, {}
 
 
+def cache_dir(*parts: str) -> Path:
+    """edgevits' cache folder (``$EDGEVITS_CACHE``, else ``~/.cache/edgevits``) joined with ``parts``, created."""
+    root = Path(os.environ.get("EDGEVITS_CACHE") or Path.home() / ".cache" / "edgevits")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _config_dict(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}

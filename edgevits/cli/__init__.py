@@ -8,39 +8,63 @@ dependencies raise for it) end here in one line, ``edgevits <command>: error: ..
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
-from ..errors import EdgevitsError
+from ..errors import EdgevitsError, EdgevitsWarning
 from .analyze import add_analyze
 from .bench import add_bench
+from .choose import add_deploy
 from .export import add_export
 from .models import add_models
 from .train import add_data, add_eval, add_train
 
-COMMANDS = [add_models, add_bench, add_export, add_analyze, add_train, add_eval, add_data]
+COMMANDS = [add_models, add_bench, add_deploy, add_export, add_analyze, add_train, add_eval, add_data]
 
 # What a user can fix: reported in one line. Anything else is a bug in edgevits and keeps its traceback.
 USER_ERRORS = (EdgevitsError, ValueError, KeyError, OSError, ImportError, FloatingPointError)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it names it already, or there is none: ``None``, off
+    flags) and a required option says so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            text += " (required)"
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if unset or "default" in text.lower() or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ..version import __version__
     parser = argparse.ArgumentParser(prog="edgevits", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edgevits {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    _add_debug(parser)
+    _finish(parser)
     return parser
 
 
-def _add_debug(parser: argparse.ArgumentParser) -> None:
-    """``--debug`` on every parser, so that it may stand anywhere on the command line."""
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """The same rules on every parser: no abbreviated long options, defaults in the help, and ``--debug``, so that
+    it may stand anywhere on the command line."""
+    parser.allow_abbrev = False
+    parser.formatter_class = HelpFormatter
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of an error instead of one line")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                _add_debug(child)
+                _finish(child)
 
 
 def one_line(e: BaseException) -> str:
@@ -49,10 +73,26 @@ def one_line(e: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(e).__name__
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """edgevits' own warnings (``EdgevitsWarning``) as ``edgevits <cmd>: warning: ...`` lines on stderr."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, EdgevitsWarning):
+                print(f"edgevits {command}: warning: {one_line(message)}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        with _warnings_as_lines(args.command):
+            return args.func(args) or 0
     except USER_ERRORS as e:
         if getattr(args, "debug", False) or os.environ.get("EDGEVITS_DEBUG"):
             raise

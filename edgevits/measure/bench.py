@@ -52,6 +52,21 @@ class BenchSpec:
     # (edgevits.runtime.allocator.malloc_tuned; the settings in force before are restored after the run)
 
 
+def cpu_name() -> str:
+    """This machine's CPU model and its widest vector/matrix extensions (from /proc/cpuinfo where there is one),
+    e.g. ``"AMD EPYC (avx2, fma)"`` or ``"Intel(R) Xeon(R) ... (avx512f, avx512_vnni, amx_tile)"``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+    found = [f for f in wanted if f in flags]
+    return f"{fields.get('model name', platform.machine())} ({', '.join(found) or 'no AVX2'})"
+
+
 def measure_peak_gflops(threads: int | None = None, n: int | None = None, repeats: int = 8, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, budget_s: float = 2.0) -> float | None:
     """This machine's matrix-multiply rate (GFLOP/s, best of ``repeats``, fewer once ``budget_s`` is spent) for an
@@ -129,7 +144,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None) ->
     with num_threads(spec.threads), malloc_tuned(spec.tune_malloc) as tuned, \
             tempfile.TemporaryDirectory(prefix="edgevits-bench-") as tmp:
         peak = measure_peak_gflops(None, device=spec.device, dtype=dtype)
-        machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        machine = {"platform": platform.platform(), "processor": cpu_name(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": spec.device,
                    "dtype": spec.dtype, "peak_gflops_measured": peak, "malloc_tuned": tuned}
         records = []

@@ -119,7 +119,12 @@ class ClassifierModel(nn.Module):
         return self.head
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self.config.in_chans, self.stride, self.model_name or type(self).__name__)
+        """Raise an ``InputError`` naming what was expected when ``x`` is not a batch of images this model takes
+        (the eval and the deploy form check alike)."""
+        ref = next(self.parameters(), None)
+        check_image_input(x, self.config.in_chans, self.stride, self.model_name or type(self).__name__,
+                          None if ref is None or not ref.is_floating_point() else ref.dtype,
+                          None if ref is None else ref.device)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _stem(self, x: torch.Tensor) -> torch.Tensor:

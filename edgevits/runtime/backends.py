@@ -49,13 +49,20 @@ def _compiled(model: nn.Module, example: torch.Tensor) -> Runner:
     return run
 
 
-def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool) -> Runner:
+def _require(module: str, missing: str):
+    """Import ``module`` or raise ``BackendUnavailable(missing)``."""
+    import importlib
     try:
-        import onnxruntime  # noqa: F401
+        return importlib.import_module(module)
     except ImportError as e:
-        raise BackendUnavailable("onnxruntime is not installed") from e
+        raise BackendUnavailable(missing) from e
+
+
+def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool,
+                 cache: bool) -> Runner:
+    _require("onnxruntime", "onnxruntime is not installed")
     path = export_onnx(model, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=fuse,
-                       optimize=False)
+                       optimize=False, cache=cache)
     session = onnx_session(path, threads, spinning=False)  # no busy-waiting into the next timed run
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -63,14 +70,12 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int | None, w
     return run
 
 
-def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool) -> Runner:
-    try:
-        import openvino as ov
-    except ImportError as e:
-        raise BackendUnavailable("openvino is not installed (pip install 'edgevits[openvino]')") from e
+def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool,
+              cache: bool) -> Runner:
+    ov = _require("openvino", "openvino is not installed (pip install 'edgevits[openvino]')")
     graph = graph_form(model, GRAPH_FORMS["openvino"]) if fuse else model.eval()
     onnx_path = export_onnx(graph, workdir / "model.onnx", tuple(example.shape[-2:]), check=False, fuse=False,
-                            optimize=False)
+                            optimize=False, cache=cache)
     ov.save_model(ov.convert_model(str(onnx_path)), str(workdir / "model.xml"), compress_to_fp16=False)
     compiled = openvino_compiled(workdir / "model.xml", threads)
     request = compiled.create_infer_request()
@@ -81,7 +86,7 @@ def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, work
 
 
 def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: int | None = None,
-                workdir: str | Path | None = None, fuse: bool = True) -> Runner:
+                workdir: str | Path | None = None, fuse: bool = True, cache: bool = False) -> Runner:
     """A callable ``x -> logits`` for ``model`` on ``backend``.
 
     ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends. The graph backends
@@ -90,7 +95,7 @@ def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: 
     it) and a foreign one (``fuse=False``, e.g. timm's) as it is. ``example`` fixes device, dtype
     and image size (ONNX/OpenVINO graphs keep a dynamic batch axis); ONNX Runtime and OpenVINO take CPU float32
     models only, and their runners convert any input to CPU float32 and return logits on the input's device and in
-    its dtype. Raises ``BackendUnavailable``.
+    its dtype; ``cache`` keeps and reuses their exported graphs (``export_onnx``). Raises ``BackendUnavailable``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -107,5 +112,5 @@ def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="edgevits-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if backend == "onnxruntime":
-        return _onnxruntime(model, example, threads, workdir, fuse)
-    return _openvino(model, example, threads, workdir, fuse)
+        return _onnxruntime(model, example, threads, workdir, fuse, cache)
+    return _openvino(model, example, threads, workdir, fuse, cache)

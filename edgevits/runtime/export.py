@@ -3,9 +3,12 @@ parity check against PyTorch that fails loudly."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -13,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..checkpoint.io import atomic_write, cache_dir
+from ..errors import EdgevitsWarning, ExportError
 from ..fuse import fuse_model
 from ..layers import to_2tuple
 from .parity import check_parity
+from .timing import describe_error
 
 FORMATS = ("onnx", "openvino")
 
@@ -40,7 +45,7 @@ def _deploy_form(model: nn.Module) -> nn.Module:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
                 opset: int = 18, check: bool = True, atol: float = 1e-4, fuse: bool = True,
-                optimize: bool = True) -> Path:
+                optimize: bool = True, cache: bool = False) -> Path:
     """Write the deploy form of ``model`` to ``path`` as one self-contained ONNX file (weights inside) with a
     dynamic batch axis (input ``x``: (batch, C, H, W); output ``logits``), then check it with ONNX Runtime.
 
@@ -48,6 +53,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     Raises ``ExportError`` if the exported graph disagrees with PyTorch by more than ``atol`` (relative to the
     largest output) at batch 1 or 3. ``fuse=False`` exports ``model`` as it is (e.g. a timm model);
     ``optimize=False`` skips the exporter's graph clean-up (a third faster; ONNX Runtime optimises on load anyway).
+    ``cache=True`` keeps the file in edgevits' cache (``graphs/``), keyed on everything the graph depends on
+    (weights, config, input size, exporter settings, library versions), and copies it from there when the same
+    graph is asked for again: an export takes 5-30 s (``deploy()`` uses this).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,26 +64,71 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     h, w = to_2tuple(img_size or getattr(config, "img_size", 224))
     in_chans = getattr(config, "in_chans", 3)
     example = torch.randn(2, in_chans, h, w)
+    if callable(getattr(deployed, "check_input", None)):
+        deployed.check_input(example)  # a size the model cannot take: its own one-line error, not the exporter's
+    cached = cache_dir("graphs") / f"{graph_key(deployed, h, w, in_chans, opset, optimize)}.onnx" if cache else None
+    if cached is not None and cached.is_file():
+        shutil.copyfile(cached, path)
+    else:
+        _export_to(deployed, path, example, opset, optimize)
+        if cached is not None:
+            atomic_write(cached, lambda tmp: shutil.copyfile(path, tmp))
+    if check:
+        check_onnx(deployed, path, (in_chans, h, w), atol=atol)
+    return path
+
+
+def _export_to(model: nn.Module, path: Path, example: torch.Tensor, opset: int, optimize: bool) -> None:
+    """The dynamo exporter (the TorchScript one if it fails), written atomically to ``path``."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with quiet():
-            torch.onnx.export(deployed, (example,), str(tmp), dynamo=True, input_names=["x"],
+            torch.onnx.export(model, (example,), str(tmp), dynamo=True, input_names=["x"],
                               output_names=["logits"], dynamic_shapes={"x": {0: batch}}, opset_version=opset,
                               external_data=False, optimize=optimize)
-    except Exception as first:  # the TorchScript exporter still handles some graphs the dynamo one cannot
-        try:
-            with quiet():
-                torch.onnx.export(deployed, (example,), str(tmp), dynamo=False, input_names=["x"],
-                                  output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-                                  opset_version=opset)
-        except Exception as second:
-            tmp.unlink(missing_ok=True)
-            raise ExportError(f"ONNX export failed: {first!r}; TorchScript exporter: {second!r}") from second
+    except Exception as first:  # noqa: BLE001  (every edgevits model traces; a foreign model may not)
+        _torchscript_fallback(model, example, tmp, opset, first)
     os.replace(tmp, path)
-    if check:
-        check_onnx(deployed, path, (in_chans, h, w), atol=atol)
-    return path
+
+
+@functools.cache
+def _code_digest() -> str:
+    """A digest of edgevits' own source files: a cached graph is never reused across a change of the code."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def graph_key(model: nn.Module, *settings) -> str:
+    """A digest of everything an exported graph of ``model`` depends on: its class, config, weights and buffers,
+    the export ``settings``, the versions of torch, onnx and onnxscript, and edgevits' code."""
+    import importlib.metadata as md
+    digest = hashlib.sha256()
+    versions = [md.version(p) for p in ("torch", "onnx", "onnxscript")] + [_code_digest()]
+    digest.update(repr((type(model).__module__, type(model).__qualname__, getattr(model, "config", None), settings,
+                        versions)).encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def _torchscript_fallback(model: nn.Module, example: torch.Tensor, tmp: Path, opset: int, why: Exception) -> None:
+    """Export with the TorchScript exporter (which PyTorch is retiring) after the dynamo exporter failed, and say
+    so with an ``EdgevitsWarning``; every edgevits model exports through dynamo, so this serves foreign models."""
+    try:
+        with quiet():
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset)
+    except Exception as second:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export failed: {describe_error(why)}; TorchScript exporter: "
+                          f"{describe_error(second)}") from second
+    warnings.warn(f"the dynamo ONNX exporter failed ({describe_error(why)}); exported {type(model).__name__} with "
+                  "the TorchScript exporter instead", EdgevitsWarning, stacklevel=3)
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):

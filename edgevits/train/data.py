@@ -27,6 +27,24 @@ _FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
 
 # ---- folder layout -------------------------------------------------------------------------------------------------
 
+def class_list(names, limit: int = 8) -> str:
+    """Class names for a message, shortened when long: ``3 classes ['a', 'b', 'c']``,
+    ``1000 classes ['n01440764', ..., 'n15075141']``."""
+    names = list(names)
+    shown = [repr(n) for n in names] if len(names) <= limit else \
+        [repr(n) for n in names[:limit - 2]] + ["...", repr(names[-1])]
+    return f"{len(names)} classes [{', '.join(shown)}]"
+
+
+def check_classes(found: list[str], recorded, where: str, source: str) -> None:
+    """A ``DataError`` naming both lists when the class folders ``found`` in ``where`` are not the classes
+    ``recorded`` by ``source`` (a checkpoint or training state; ``None`` or empty: nothing recorded, no check)."""
+    if recorded and list(recorded) != list(found):
+        raise DataError(f"the class folders of {where} ({class_list(found)}) are not the classes {source} was "
+                        f"trained on ({class_list(recorded)}): pass a folder with one folder per training class, "
+                        "named as in training")
+
+
 def scan_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> tuple[list[tuple[str, int]],
                                                                                           list[str]]:
     """``(samples, classes)`` of an ImageFolder ``root`` (one sub-folder of images per class, sorted by name).
@@ -304,6 +322,8 @@ def collate_skipping(batch):
 # ---- batch mixing ------------------------------------------------------------------------------------------------
 
 def one_hot_smooth(target: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """One-hot rows of ``target`` with label smoothing: ``1 - smoothing + smoothing / n`` on the class, ``smoothing
+    / n`` elsewhere."""
     off = smoothing / num_classes
     y = torch.full((target.numel(), num_classes), off, device=target.device)
     return y.scatter_(1, target.view(-1, 1), 1.0 - smoothing + off)

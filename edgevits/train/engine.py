@@ -27,14 +27,15 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import atomic_write, config_hints, read_checkpoint, save_checkpoint
+from ..errors import DataError
 from ..registry import create_model, get_entry
 from ..runtime.settings import num_threads
-from .config import TrainConfig
-from .data import (EpochSampler, ImageFolderDataset, Mixer, RandAugment, TrainTransform, collate_skipping,
-                   scan_image_folder)
+from .config import TrainConfig, check_device
+from .data import (EpochSampler, ImageFolderDataset, Mixer, RandAugment, TrainTransform, check_classes,
+                   collate_skipping, scan_image_folder)
 from .distributed import Runtime, all_reduce, any_process, gather_rng, set_rng_state, setup_runtime
 from .evaluate import default_workers, evaluate, val_loader
-from .files import load_state, read_metrics, write_metrics
+from .files import check_output, load_state, read_metrics, remove_leftovers, resume_path, write_metrics
 from .optim import Schedule, clip_gradients, param_groups, resolve
 from .ema import ModelEma
 from .losses import DistillationLoss
@@ -69,16 +70,18 @@ class TrainResult:
 
 # ---- model, teacher, optimiser, schedule --------------------------------------------------------------------------
 
-def build_student(cfg: TrainConfig, num_classes: int, log: Log | None = None) -> nn.Module:
+def build_student(cfg: TrainConfig, num_classes: int, log: Log | None = None,
+                  weights: tuple[dict, dict] | None = None) -> nn.Module:
     """The student: fresh, or from ``cfg.checkpoint`` with its head reset (said through ``log``) when the class
-    count differs. A distillation head missing from the checkpoint starts as a copy of the class head."""
+    count differs. A distillation head missing from the checkpoint starts as a copy of the class head.
+    ``weights``: ``read_checkpoint(cfg.checkpoint)`` when the caller has read it already."""
     log = log or _no_log
     want_dist = cfg.distillation != "none"
     common = dict(img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     if not cfg.checkpoint:
         return create_model(cfg.model, num_classes=num_classes, distillation=want_dist, **common)
     from ..checkpoint import CheckpointError, load_checkpoint
-    sd, meta = read_checkpoint(cfg.checkpoint)
+    sd, meta = weights if weights is not None else read_checkpoint(cfg.checkpoint)
     hints = config_hints(get_entry(cfg.model), sd, meta)
     hints.pop("features_only", None)
     has_dist = bool(hints.get("distillation", False))
@@ -107,7 +110,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, log: Log | None = None) ->
     from ..checkpoint import CheckpointError
     log = log or _no_log
     spec = cfg.teacher
-    if os.path.isfile(spec):
+    if os.path.exists(spec):  # a checkpoint file, or a run folder (its best.safetensors)
         _, meta = read_checkpoint(spec)
         if not meta.get("model"):
             raise CheckpointError(f"teacher checkpoint {spec!r} does not record its model: pass --teacher "
@@ -132,8 +135,17 @@ def train(cfg: TrainConfig, log: Log | None = None, progress: Progress | None = 
 
     ``log`` receives the run's messages and ``progress`` wraps each epoch's batch loop (see ``Log`` and
     ``Progress``), on rank 0 only; by default nothing is reported. ``cfg.progress`` is the command line's switch
-    for passing a progress bar."""
+    for passing a progress bar.
+
+    Bad input fails before anything is written: an output folder that is a file, is not writable or holds
+    another run (see ``files.check_output``), a training state, checkpoint or teacher that cannot be read or does
+    not fit, data that is not an ImageFolder. Temporary files an interrupted save left in the output folder are
+    removed."""
+    check_device(cfg.device)
+    check_output(cfg.output, cfg.resume)  # every process, before any writes (see the barrier below)
     rt = setup_runtime(cfg.device)
+    if rt.world_size > 1:
+        dist.barrier()  # no process writes before every one has checked the output folder
     log = log if rt.main and log is not None else _no_log
     progress = progress if rt.main and progress is not None else _no_progress
     try:
@@ -186,8 +198,8 @@ def _loaders(cfg: TrainConfig, rt: Runtime):
     root = Path(cfg.data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise FileNotFoundError(f"{root / split} is missing: --data needs train/ and val/ folders, each with a "
-                                    "folder of images per class")
+            raise DataError(f"{root / split} is missing: --data needs train/ and val/ folders, each with a "
+                            "folder of images per class")
     train_samples, classes = scan_image_folder(root / "train")
     workers = default_workers(rt.world_size) if cfg.workers < 0 else cfg.workers
     vloader, _ = val_loader(root / "val", classes, cfg.img_size, cfg.crop_pct, cfg.batch_size, workers, rt)
@@ -205,13 +217,17 @@ def _loaders(cfg: TrainConfig, rt: Runtime):
 
 
 def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
-    """Data, model, teacher, loss, optimiser, EMA, schedule and mixer of a run (nothing restored yet)."""
+    """Data, model, teacher, loss, optimiser, EMA, schedule and mixer of a run (nothing restored yet). The
+    training state and the pretrained weights are read first: a file that cannot be used fails before the data
+    is scanned."""
     state = load_state(cfg.resume) if cfg.resume else None
+    weights = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     classes, train_size, sampler, tloader, vloader = _loaders(cfg, rt)
     derived = resolve(cfg, rt.world_size, len(tloader))
     num_classes = len(classes)
     torch.manual_seed(cfg.seed)  # identical initialisation on every process
-    model = build_student(cfg, num_classes, log).to(rt.device)
+    model = build_student(cfg, num_classes, log, weights).to(rt.device)
+    del weights
     if cfg.amp and rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     teacher = build_teacher(cfg, num_classes, log).to(rt.device) if cfg.teacher else None
@@ -235,10 +251,7 @@ def _restore(run: _Run, log: Log) -> None:
     metrics_path = run.out / "metrics.jsonl"
     state = run.state
     if state is not None:
-        run.model.load_state_dict(state["model"])
-        run.opt.load_state_dict(state["optimizer"])
-        if run.ema is not None and state.get("ema") is not None:
-            run.ema.load_state(state["ema"])
+        _load_state_dicts(run, state)
         run.start_epoch, run.best_top1, run.best_epoch = (int(state["epochs_done"]), float(state["best_top1"]),
                                                           int(state["best_epoch"]))
         if rt.world_size == len(state["rng"]):
@@ -247,9 +260,12 @@ def _restore(run: _Run, log: Log) -> None:
             log(f"warning: resuming with {rt.world_size} processes, saved with {len(state['rng'])}: "
                 "the random streams differ from an uninterrupted run")
             set_rng_state(state["rng"][0], rt.device)
-        run.rows = [r for r in read_metrics(metrics_path) if r["epoch"] <= run.start_epoch]
+        saved_rows = read_metrics(resume_path(cfg.resume).parent / "metrics.jsonl")  # (also into a new --output)
+        run.rows = [r for r in saved_rows if r["epoch"] <= run.start_epoch]
         log(f"resumed from {cfg.resume} after epoch {run.start_epoch}")
     if rt.main:
+        for leftover in remove_leftovers(run.out):
+            log(f"removed {leftover.name}, left by an interrupted save")
         run.out.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"config": cfg.to_dict(), "derived": run.derived, "classes": run.classes}, indent=2)
         atomic_write(run.out / "config.json", lambda tmp: Path(tmp).write_text(text))
@@ -258,6 +274,25 @@ def _restore(run: _Run, log: Log) -> None:
     if rt.world_size > 1:
         run.forward_model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def _load_state_dicts(run: _Run, state: dict) -> None:
+    """Load the model, optimiser and EMA of a training state; one saved with other settings (model, classes,
+    distillation head) is a ``CheckpointError``."""
+    from ..checkpoint import CheckpointError
+    check_classes(run.classes, state.get("classes"), f"--data {run.cfg.data!r} (train/)",
+                  f"the training state {run.cfg.resume!r}")
+    try:
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        if run.ema is not None and state.get("ema") is not None:
+            run.ema.load_state(state["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise CheckpointError(f"training state {run.cfg.resume!r} does not fit this run ({run.cfg.model}, "
+                              f"{len(run.classes)} classes, distillation {run.cfg.distillation}): {detail}; resume "
+                              "with the settings it was saved with (leave out --model, --distillation, ...)") \
+            from None
 
 
 def _loop(run: _Run, log: Log, progress: Progress) -> TrainResult:

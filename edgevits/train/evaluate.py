@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import read_checkpoint
+from ..errors import ConfigError, DataError
 from ..registry import create_model
-from .data import ImageFolderDataset, collate_skipping, eval_transform, scan_image_folder
+from ..runtime.settings import num_threads
+from .config import check_device, check_model_size, check_values
+from .data import (ImageFolderDataset, check_classes, class_list, collate_skipping, eval_transform,
+                   scan_image_folder)
 from .distributed import Runtime, all_reduce
 from .files import load_state
 
@@ -45,6 +49,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, rt: Runtime | None 
 
 
 def default_workers(world_size: int) -> int:
+    """Loader processes per training process: one less than the cores available to each (at most 8)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -54,43 +59,59 @@ def default_workers(world_size: int) -> int:
 
 def val_loader(root, classes, img_size: int, crop_pct: float, batch_size: int, workers: int, rt: Runtime):
     """Loader over ``root`` (ImageFolder; its classes must equal ``classes`` when given); each process takes every
-    ``world_size``-th image, so the summed counts cover every image exactly once."""
+    ``world_size``-th image, so the summed counts cover every image exactly once. Returns it and the classes."""
     samples, found = scan_image_folder(root, classes)
-    ds = ImageFolderDataset(samples, found, lambda img: eval_transform(img, img_size, crop_pct), train=False)
+    return _loader(samples, found, img_size, crop_pct, batch_size, workers, rt), found
+
+
+def _loader(samples, classes, img_size: int, crop_pct: float, batch_size: int, workers: int, rt: Runtime):
+    """The evaluation loader over scanned ``samples`` (see ``val_loader``)."""
+    ds = ImageFolderDataset(samples, classes, lambda img: eval_transform(img, img_size, crop_pct), train=False)
     indices = list(range(rt.rank, len(ds), rt.world_size))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
                                        collate_fn=collate_skipping, pin_memory=rt.device.type == "cuda",
                                        persistent_workers=workers > 0,
-                                       generator=torch.Generator()), found  # own generator: see train loader
+                                       generator=torch.Generator())  # own generator: see the train loader
 
 
 def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = None, img_size: int | None = None,
                         batch_size: int = 100, crop_pct: float | None = None, workers: int = -1,
-                        device: str = "auto") -> dict:
-    """Evaluate a checkpoint on an ImageFolder (``data`` holds class folders, or ``val/``). An edgevits training
-    checkpoint holds the weights its run evaluated (the EMA when EMA was on); foreign training checkpoints with a
-    ``model_ema`` entry are read from it. Returns top-1/top-5 as fractions and what was evaluated."""
+                        device: str = "auto", threads: int = 0) -> dict:
+    """Evaluate a checkpoint on an ImageFolder (``data`` holds class folders, or ``val/``). ``checkpoint`` is a
+    weights file, a training state (``*.state.pt``) or a run folder (its ``best.safetensors``). An edgevits
+    training checkpoint holds the weights its run evaluated (the EMA when EMA was on); foreign training
+    checkpoints with a ``model_ema`` entry are read from it. ``threads``: torch CPU threads for this call (0 keeps
+    torch's choice). Returns top-1/top-5 as fractions and what was evaluated.
+
+    Bad input fails before the model is built: settings out of range (``ConfigError``), a checkpoint that cannot
+    be read safely (``CheckpointError``), class folders other than the classes the checkpoint records or than its
+    class count (``DataError``, naming both)."""
+    check_values({"img_size": img_size, "batch_size": batch_size, "crop_pct": crop_pct, "workers": workers,
+                  "threads": threads})
+    check_device(device)
     source, meta = _eval_source(checkpoint)
     name = model_name or meta.get("model")
     if not name:
-        raise ValueError(f"{checkpoint} does not record its model: pass --model")
+        raise ConfigError(f"{checkpoint} does not record its model: pass --model NAME")
+    size = img_size or meta.get("img_size") or (meta.get("config") or {}).get("img_size") or 224
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    check_model_size(name, size)
     root = Path(data)
     if (root / "val").is_dir() and (root / "train").is_dir():
         root = root / "val"
-    size = img_size or meta.get("img_size") or (meta.get("config") or {}).get("img_size") or 224
-    size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    model = create_model(name, checkpoint=source, **({"img_size": size} if img_size or source is not checkpoint
-                                                      else {}))
+    samples, found = scan_image_folder(root)
+    check_classes(found, meta.get("classes"), str(root), f"checkpoint {str(checkpoint)!r}")
     rt = Runtime(device=torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                      ("cpu" if device == "auto" else device)))
-    model.to(rt.device)
-    classes = meta.get("classes")
-    loader, found = val_loader(root, None, size, crop_pct or meta.get("crop_pct", 0.875), batch_size,
-                               default_workers(1) if workers < 0 else workers, rt)
-    if classes and list(classes) != found:
-        raise ValueError(f"{root} has classes {found[:5]}... ({len(found)}) but the checkpoint was trained on "
-                         f"{classes[:5]}... ({len(classes)})")
-    res = evaluate(model, loader, rt.device, rt, amp=rt.device.type == "cuda")
+    with num_threads(threads):
+        model = create_model(name, checkpoint=source, **({"img_size": size} if img_size or source is not checkpoint
+                                                          else {}))
+        if model.num_classes != len(found):
+            raise DataError(f"checkpoint {str(checkpoint)!r} predicts {model.num_classes} classes but {root} has "
+                            f"{class_list(found)}: pass a folder with one folder per class the model was trained on")
+        loader = _loader(samples, found, size, crop_pct or meta.get("crop_pct", 0.875), batch_size,
+                         default_workers(1) if workers < 0 else workers, rt)
+        res = evaluate(model.to(rt.device), loader, rt.device, rt, amp=rt.device.type == "cuda")
     return {"model": name, "checkpoint": str(checkpoint), "data": str(root), "img_size": size,
             "weights": meta.get("weights", "model"), "val_top1": res["top1"], "val_top5": res["top5"],
             "val_loss": res["loss"], "images": res["images"], "skipped": res["skipped"],
@@ -99,7 +120,8 @@ def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = Non
 
 def _eval_source(checkpoint: str) -> tuple:
     """``(weights or path, metadata)`` to evaluate: a training state (``*.state.pt``) gives its EMA weights when
-    it has them, else its model weights; other files are read as they are."""
+    it has them, else its model weights; other files, and run folders (their ``best.safetensors``), are read as
+    they are."""
     if str(checkpoint).endswith(".state.pt"):
         state = load_state(checkpoint)
         config = state.get("config") or {}

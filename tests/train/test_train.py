@@ -209,7 +209,7 @@ def test_a_broken_layout_is_a_clear_error(tmp_path):
         scan_image_folder(root / "val", classes)
     with pytest.raises(DataError, match="no class folders"):
         scan_image_folder(root / "val" / "circle")
-    with pytest.raises(FileNotFoundError, match="train/ and val/"):
+    with pytest.raises(DataError, match="train/ and val/"):
         train(quick(root / "train", tmp_path / "o"), log=lambda *_: None)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 META_KEY = "edgevits"
 StateDict = dict[str, torch.Tensor]
@@ -95,6 +95,41 @@ def read_file(path: str | os.PathLike, what: str = "checkpoint") -> tuple[dict, 
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj, {}
+
+
+def writable_folder(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """``path`` as a folder output: a ``ConfigError`` naming ``flag`` when it is a file, lies under a file, or cannot
+    be created or written (its nearest existing folder must be writable). Creates nothing."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is an existing file, not a folder: pass a folder (it is created "
+                          "when missing)")
+    _check_creatable(out, flag)
+    return out
+
+
+def writable_file(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """``path`` as a file output: a ``ConfigError`` naming ``flag`` when it is a folder, lies under a file, or its
+    folder cannot be created or written. Creates nothing."""
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a folder: pass a file path, e.g. {str(out / 'model')!r} with "
+                          "the format's extension")
+    _check_creatable(out.parent if str(out.parent) else Path("."), flag, shown=out)
+    return out
+
+
+def _check_creatable(folder: Path, flag: str, shown: Path | None = None) -> None:
+    shown = folder if shown is None else shown
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {str(shown)!r} cannot be created: {str(existing)!r} is a file, not a folder; "
+                          "pass a path under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(shown)!r} cannot be written: {str(existing)!r} is not writable; pass a "
+                          "path you can write to")
 
 
 def cache_dir(*parts: str) -> Path:

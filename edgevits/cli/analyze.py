@@ -8,7 +8,8 @@ import os
 from ..layers.attention import REGISTRY
 from ..measure.analyze import DEFAULT_TOKENS, METRICS, analyze_attention, analyze_swaps
 from ..measure.plots import plot_attention
-from .common import csv_of, progress_steps, wide_console
+from ..checkpoint.io import writable_file, writable_folder
+from .common import count, csv_of, positive_float, positive_int, progress_steps, wide_console
 
 
 def _fmt(metric: str, v) -> str:
@@ -23,6 +24,9 @@ def _cmd_attention(args) -> int:
     from rich.table import Table
 
     tokens = list(args.tokens or DEFAULT_TOKENS)
+    writable_folder(args.out, "--out")  # before minutes of measuring
+    if args.json:
+        writable_file(args.json, "--json")
     console = wide_console()
     with progress_steps(console, "measuring") as on_step:
         result = analyze_attention(args.dim, tokens, args.attentions, fit_from=args.fit_from,
@@ -63,6 +67,8 @@ def _cmd_attention(args) -> int:
 def _cmd_swap(args) -> int:
     from rich.table import Table
 
+    if args.json:
+        writable_file(args.json, "--json")
     console = wide_console(100)
     with progress_steps(console, "building") as on_step:
         result = analyze_swaps(args.model, args.attentions, args.img_size, threads=args.threads or None,
@@ -97,18 +103,18 @@ def add_analyze(sub) -> None:
                                        "`analyze swap` SwiftFormer with each attention")
     asub = p.add_subparsers(dest="analysis", required=True)
     a = asub.add_parser("attention", help="FLOPs, latency and peak memory of each attention as tokens grow")
-    a.add_argument("--dim", type=int, default=64, help="token width C (default 64)")
-    a.add_argument("--tokens", type=csv_of(int), default=None,
+    a.add_argument("--dim", type=positive_int, default=64, help="token width C (default 64)")
+    a.add_argument("--tokens", type=csv_of(positive_int), default=None,
                    help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TOKENS))})")
     a.add_argument("--attentions", type=csv_of(str), default=None,
                    help=f"comma-separated subset of {','.join(REGISTRY)} (default: all)")
-    a.add_argument("--fit-from", type=int, default=None,
+    a.add_argument("--fit-from", type=positive_int, default=None,
                    help="fit exponents over N >= this (default: geometric mean of the smallest and largest N)")
-    a.add_argument("--threads", type=int, default=1,
+    a.add_argument("--threads", type=count, default=1,
                    help="torch threads while timing (default 1; 0 keeps torch's default)")
-    a.add_argument("--max-call-s", type=float, default=1.0,
+    a.add_argument("--max-call-s", type=positive_float, default=1.0,
                    help="skip timing where one call is predicted to take longer (default 1.0)")
-    a.add_argument("--max-mem-mib", type=float, default=1024.0,
+    a.add_argument("--max-mem-mib", type=positive_float, default=1024.0,
                    help="skip timing where the peak memory is predicted to exceed this (default 1024)")
     a.add_argument("--no-reuse-memory", action="store_true",
                    help="let glibc return freed memory to the kernel between calls (page faults then count in "
@@ -118,9 +124,9 @@ def add_analyze(sub) -> None:
     a.set_defaults(func=_cmd_attention)
     w = asub.add_parser("swap", help="SwiftFormer with each attention swapped in: params, GMACs, latency")
     w.add_argument("--model", default="swiftformer_xs", help="a SwiftFormer variant (default swiftformer_xs)")
-    w.add_argument("--img-size", type=int, default=224, help="input side in pixels")
+    w.add_argument("--img-size", type=positive_int, default=224, help="input side in pixels")
     w.add_argument("--attentions", type=csv_of(str), default=None,
                    help=f"comma-separated subset of {','.join(REGISTRY)} (default: all)")
-    w.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1; 0: torch's)")
+    w.add_argument("--threads", type=count, default=1, help="torch threads while timing (default 1; 0: torch's)")
     w.add_argument("--json", default=None, help="also write the records to this JSON file (default: none)")
     w.set_defaults(func=_cmd_swap)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import csv_of, wide_console
+from ..checkpoint.io import writable_folder
+from .common import count, csv_of, positive_float, positive_int, wide_console
 
 
 def _cmd_bench(args) -> int:
@@ -13,6 +14,7 @@ def _cmd_bench(args) -> int:
                      warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, compare=args.compare,
                      tune_malloc=args.tune_malloc)
     check_spec(spec)  # before any work: unknown names, missing timm...
+    writable_folder(args.out, "--out")
     console = wide_console(140)
     result = _run_with_progress(spec, console)
     _print_result(result, spec, console)
@@ -88,17 +90,18 @@ def add_bench(sub) -> None:
     from ..runtime.backends import BACKENDS
     p = sub.add_parser("bench", help="measure params, GMACs, latency and throughput on this machine")
     p.add_argument("models", nargs="*", help="model names (default: every registered model)")
-    p.add_argument("--img-size", type=int, default=224, help="input side in pixels (square images)")
-    p.add_argument("--batch-sizes", type=csv_of(int), default=(1, 16), help="comma-separated, e.g. 1,16")
+    p.add_argument("--img-size", type=positive_int, default=224, help="input side in pixels (square images)")
+    p.add_argument("--batch-sizes", type=csv_of(positive_int), default=(1, 16), help="comma-separated, e.g. 1,16")
     p.add_argument("--backends", type=csv_of(str), default=("eager", "onnxruntime"),
                    help=f"comma-separated from {','.join(BACKENDS)} (eager_cl: channels-last eager)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the weights and inputs")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each runner before timing")
-    p.add_argument("--repeats", type=int, default=20, help="timed rounds at most (at least 5)")
-    p.add_argument("--budget", type=float, default=3.0, help="seconds of timed rounds per model and batch size")
+    p.add_argument("--warmup", type=count, default=3, help="untimed calls of each runner before timing")
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed rounds at most (at least 5)")
+    p.add_argument("--budget", type=positive_float, default=3.0,
+                   help="seconds of timed rounds per model and batch size")
     p.add_argument("--compare", choices=["timm"], default=None,
                    help="also time timm's implementation with the same weights, interleaved (default: ours only)")
     p.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,

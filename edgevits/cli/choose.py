@@ -1,7 +1,7 @@
 """``edgevits deploy``: which backend runs a model fastest on this machine, verified and measured."""
 from __future__ import annotations
 
-from .common import csv_of, progress_steps, wide_console
+from .common import csv_of, positive_int, progress_steps, wide_console
 
 
 def _cmd_deploy(args) -> int:
@@ -41,12 +41,14 @@ def add_deploy(sub) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="weights to load (any supported format, or a run folder: its best.safetensors; "
                         "default: none, random weights)")
-    p.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's, 224)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size the backends are timed at")
+    p.add_argument("--img-size", type=positive_int, default=None,
+                   help="input side in pixels (default: the model's, 224)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch size the backends are timed at")
     p.add_argument("--candidates", type=csv_of(str), default=None,
                    help=f"comma-separated from {','.join(BACKENDS)} (default: {','.join(AUTO_CANDIDATES)})")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: each backend's default)")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds at most")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="intra-op threads (default: each backend's default)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed rounds at most")
     p.add_argument("--workdir", default=None, help="folder for the exported graphs (default: a temporary one, of "
                                                    "which only the chosen backend's files are kept)")
     p.set_defaults(func=_cmd_deploy)

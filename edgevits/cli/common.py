@@ -1,6 +1,7 @@
 """Pieces every command shares."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 
 
@@ -10,6 +11,24 @@ def csv_of(kind):
         return tuple(kind(v) for v in text.split(",") if v.strip())
     parse.__name__ = f"comma-separated {kind.__name__}"  # argparse names it in its error: "invalid ... value"
     return parse
+
+
+def _number(kind, lowest, text: str):
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}") from None
+        if not number >= lowest or number != number:
+            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}")
+        return number
+    parse.__name__ = text
+    return parse
+
+
+positive_int = _number(int, 1, "a whole number >= 1")
+count = _number(int, 0, "a whole number >= 0")
+positive_float = _number(float, 1e-300, "a number > 0")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """``edgevits export``: ONNX or OpenVINO, checked against PyTorch."""
 from __future__ import annotations
 
+from .common import positive_int
+
 
 def _cmd_export(args) -> int:
     from ..registry import create_model
@@ -27,9 +29,9 @@ def add_export(sub) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="weights to load (any supported format, or a run folder: its best.safetensors; "
                         "default: none, random weights)")
-    p.add_argument("--img-size", type=int, default=None, help="input size baked into the graph (default: the "
+    p.add_argument("--img-size", type=positive_int, default=None, help="input size baked into the graph (default: the "
                                                               "model's, 224)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the export and its check "
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads for the export and its check "
                                                              "(default: torch's)")
     p.add_argument("--output", "-o", default=None, help="output file (default: MODEL.onnx / MODEL.xml)")
     p.set_defaults(func=_cmd_export)

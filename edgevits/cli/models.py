@@ -1,8 +1,6 @@
 """``edgevits models``: the registered variants with their sizes and published figures."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .common import wide_console
@@ -12,6 +10,7 @@ def _cmd_models(args) -> int:
     from rich.table import Table
 
     from ..measure.flops import count_macs, count_params
+    from ..errors import UnknownModelError
     from ..registry import create_model, get_entry, list_models
     table = Table(title="edgevits models (params with the distillation head; GMACs at 224x224)")
     console = wide_console()
@@ -19,8 +18,7 @@ def _cmd_models(args) -> int:
         table.add_column(col, justify="left" if col in ("model", "family", "latency (paper)") else "right")
     names = list_models(args.pattern)
     if not names:
-        print(f"no model matches {args.pattern!r}", file=sys.stderr)
-        return 1
+        raise UnknownModelError(f"no model matches {args.pattern!r}; known models: {', '.join(list_models())}")
     for name in names:
         entry = get_entry(name)
         with torch.device("meta"):  # shapes only: counting needs no weights

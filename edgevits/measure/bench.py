@@ -70,11 +70,19 @@ def cpu_name() -> str:
 def measure_peak_gflops(threads: int | None = None, n: int | None = None, repeats: int = 8, device: str = "cpu",
                         dtype: torch.dtype = torch.float32, budget_s: float = 2.0) -> float | None:
     """This machine's matrix-multiply rate (GFLOP/s, best of ``repeats``, fewer once ``budget_s`` is spent) for an
-    ``n`` x ``n`` matmul in ``dtype`` on ``device`` (``n``: 2048 on CPU, 8192 on a GPU): the compute ceiling the
-    models are judged against. None where such a matmul cannot run there. The benchmark measures it before and
-    after its run and keeps the higher figure."""
+    ``n`` x ``n`` matmul in ``dtype`` on ``device``: the compute ceiling the models are judged against. By default
+    ``n`` is as large as one call of about 0.25 s allows (at most 2048 on CPU, 8192 on a GPU), sized from a
+    512 x 512 matmul first: float16 on a CPU without native float16 runs at a few GFLOP/s, where a 2048 matmul takes
+    seconds. None where such a matmul cannot run there. The benchmark measures it before and after its run and
+    keeps the higher figure."""
     with num_threads(threads):
-        return _peak(n or (2048 if device == "cpu" else 8192), repeats, device, dtype, budget_s)
+        if n is None:
+            largest = 2048 if device == "cpu" else 8192
+            rate = _peak(512, 2, device, dtype, budget_s)  # GFLOP/s of a small one
+            if rate is None:
+                return None
+            n = int(min(largest, max(512, (rate * 1e9 * 0.25 / 2) ** (1 / 3))))
+        return _peak(n, repeats, device, dtype, budget_s)
 
 
 def _peak(n: int, repeats: int, device: str, dtype: torch.dtype, budget_s: float) -> float | None:

@@ -40,7 +40,9 @@ class ModelConfig:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        to_2tuple(self.img_size)
+        if min(to_2tuple(self.img_size)) < 1 or self.in_chans < 1:
+            raise ValueError(f"img_size and in_chans must be >= 1, got img_size={self.img_size}, "
+                             f"in_chans={self.in_chans}")
 
 
 def conv_stem(in_chans: int, dim: int, act: type[nn.Module]) -> nn.Sequential:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint.io import atomic_write, cache_dir
+from ..checkpoint.io import atomic_write, cache_dir, writable_file
 from ..errors import EdgevitsWarning, ExportError
 from ..fuse import fuse_model
 from ..layers import to_2tuple
@@ -57,7 +57,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     (weights, config, input size, exporter settings, library versions), and copies it from there when the same
     graph is asked for again: an export takes 5-30 s (``deploy()`` uses this).
     """
-    path = Path(path)
+    path = writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     deployed = _deploy_form(model) if fuse else model.eval()
     config = getattr(model, "config", None)
@@ -188,7 +188,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
         import openvino as ov
     except ImportError as e:
         raise ExportError("OpenVINO is not installed: pip install 'edgevits[openvino]'") from e
-    path = Path(path).with_suffix(".xml")
+    path = writable_file(Path(path).with_suffix(".xml"))
     deployed = graph_form(model, form)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(deployed, Path(tmp) / "model.onnx", img_size, check=False, fuse=False)

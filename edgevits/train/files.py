@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, atomic_write
-from ..checkpoint.io import torch_load_safely
+from ..checkpoint.io import torch_load_safely, writable_folder
 from ..errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "config.json", "last.state.pt", "last.safetensors", "last.json", "best.safetensors",
@@ -50,11 +50,7 @@ def check_output(output: str | os.PathLike, resume: str | os.PathLike | None = N
     """Raise a ``ConfigError`` unless a run may write into ``output``: a folder (or a path where one can be made)
     that is writable and holds no run, or the folder of the run ``resume`` continues. Writes nothing; returns
     the folder."""
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {str(out)!r} is an existing file, not a folder: pass a folder (it is created "
-                          f"when missing), e.g. --output {next_free_folder(out)}")
-    _check_writable(out)
+    out = writable_folder(output)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if not found:
         return out
@@ -69,20 +65,6 @@ def check_output(output: str | os.PathLike, resume: str | os.PathLike | None = N
                 f"pass a new folder, e.g. {new}, or delete those files")
     raise ConfigError(f"--output {str(out)!r} already holds a run ({', '.join(found)}), which {doing} would "
                       f"overwrite: {todo}")
-
-
-def _check_writable(out: Path) -> None:
-    """A ``ConfigError`` when ``out`` cannot be written or created: its nearest existing folder must be writable
-    and every existing part of the path a folder."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--output {str(out)!r} cannot be created: {str(existing)!r} is a file, not a folder; "
-                          "pass a path under a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "written to" if existing == out else f"created: {str(existing)!r} is not writable"
-        raise ConfigError(f"--output {str(out)!r} cannot be {what}; pass a folder you can write to")
 
 
 def next_free_folder(out: Path) -> Path:

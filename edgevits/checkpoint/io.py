@@ -165,7 +165,8 @@ def atomic_write(path: Path, write) -> None:
 def save_checkpoint(model: nn.Module | None, path: str | os.PathLike, extra: dict[str, Any] | None = None,
                     state_dict: StateDict | None = None) -> Path:
     """Write ``model``'s weights (or ``state_dict``) to ``path`` as safetensors, atomically, with metadata
-    (model name, config, attention revision, and ``extra``) in the file header and in a ``.json`` beside it."""
+    (model name, config, attention revision, the preprocessing and class names ``create_model`` recorded on the
+    model, and ``extra``) in the file header and in a ``.json`` beside it."""
     from safetensors.torch import save_file
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -174,7 +175,13 @@ def save_checkpoint(model: nn.Module | None, path: str | os.PathLike, extra: dic
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     config = _config_dict(model) if model is not None else {}
     meta = {"model": getattr(model, "model_name", ""), "family": getattr(model, "family", ""), "config": config,
-            "attention_revision": config.get("attention_revision"), "format_version": 1, **(extra or {})}
+            "attention_revision": config.get("attention_revision"), "format_version": 1}
+    preprocess, names = getattr(model, "data_config", None), getattr(model, "class_names", None)
+    if preprocess is not None:  # what create_model recorded: the published weights' or a checkpoint's
+        meta["data_config"] = preprocess.to_dict()
+    if names:
+        meta["classes"] = list(names)
+    meta.update(extra or {})
     text = json.dumps(meta, default=str)
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: text}))
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))

@@ -19,9 +19,10 @@ from .bench import add_bench
 from .choose import add_deploy
 from .export import add_export
 from .models import add_models
+from .predict import add_predict
 from .train import add_data, add_eval, add_train
 
-COMMANDS = [add_models, add_bench, add_deploy, add_export, add_analyze, add_train, add_eval, add_data]
+COMMANDS = [add_models, add_bench, add_deploy, add_export, add_analyze, add_train, add_eval, add_data, add_predict]
 
 # What a user can fix: reported in one line. Anything else is a bug in edgevits and keeps its traceback.
 USER_ERRORS = (EdgevitsError, ValueError, KeyError, OSError, ImportError, FloatingPointError)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoint.io import writable_folder
-from .common import count, csv_of, positive_float, positive_int, wide_console
+from .common import add_pretrained_argument, count, csv_of, positive_float, positive_int, wide_console
 
 
 def _cmd_bench(args) -> int:
@@ -12,7 +12,7 @@ def _cmd_bench(args) -> int:
     spec = BenchSpec(models=list(args.models), img_size=args.img_size, batch_sizes=args.batch_sizes,
                      backends=args.backends, threads=args.threads, device=args.device, dtype=args.dtype,
                      warmup=args.warmup, repeats=args.repeats, budget_s=args.budget, compare=args.compare,
-                     tune_malloc=args.tune_malloc)
+                     tune_malloc=args.tune_malloc, pretrained=args.pretrained or False)
     check_spec(spec)  # before any work: unknown names, missing timm...
     writable_folder(args.out, "--out")
     console = wide_console(140)
@@ -108,4 +108,5 @@ def add_bench(sub) -> None:
                    help="keep freed activation memory in the process (glibc), for every model measured alike: "
                         "removes thousands of page faults per forward pass (edgevits.runtime.allocator)")
     p.add_argument("--out", default="bench_out", help="output folder for bench.json, bench.csv, the PNG plot")
+    add_pretrained_argument(p)
     p.set_defaults(func=_cmd_bench)

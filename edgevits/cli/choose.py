@@ -1,7 +1,7 @@
 """``edgevits deploy``: which backend runs a model fastest on this machine, verified and measured."""
 from __future__ import annotations
 
-from .common import csv_of, positive_int, progress_steps, wide_console
+from .common import add_weights_arguments, csv_of, model_weights, positive_int, progress_steps, wide_console
 
 
 def _cmd_deploy(args) -> int:
@@ -10,7 +10,7 @@ def _cmd_deploy(args) -> int:
     from ..registry import create_model
     from ..runtime.choose import AUTO_CANDIDATES, deploy
     overrides = {"img_size": args.img_size} if args.img_size else {}
-    model = create_model(args.model, checkpoint=args.checkpoint, **overrides).eval()
+    model = create_model(args.model, **model_weights(args), **overrides).eval()
     console = wide_console()
     with progress_steps(console, f"deploy {args.model}") as on_step:
         chosen = deploy(model, img_size=args.img_size, batch_size=args.batch_size, threads=args.threads,
@@ -38,9 +38,8 @@ def add_deploy(sub) -> None:
     p = sub.add_parser("deploy", help="build every backend for a model, check it against PyTorch, time them "
                                       "interleaved and name the fastest (what edgevits.deploy() returns)")
     p.add_argument("model", help="a registered model name (edgevits models lists them)")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights to load (any supported format, or a run folder: its best.safetensors; "
-                        "default: none, random weights)")
+    add_weights_arguments(p, "weights to load (any supported format, or a run folder: its best.safetensors; "
+                             "default: none, random weights)")
     p.add_argument("--img-size", type=positive_int, default=None,
                    help="input side in pixels (default: the model's, 224)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch size the backends are timed at")

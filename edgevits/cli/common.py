@@ -48,3 +48,26 @@ def wide_console(width: int = 120):
     """A rich console at least ``width`` columns wide (tables stay readable when piped)."""
     from rich.console import Console
     return Console(width=max(Console().width, width))
+
+
+def add_pretrained_argument(p) -> None:
+    """``--pretrained [TAG]``: the model's published weights (alone: the default, timm's hub repo)."""
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="TAG",
+                   help="load the model's published weights: alone for the default (timm's hub repo), or a tag (the "
+                        "README's Pretrained weights table lists them); downloaded once and cached (HF_ENDPOINT, "
+                        "HF_HUB_OFFLINE and $EDGEVITS_CACHE/weights/ are honoured) (default: none)")
+
+
+def model_weights(args) -> dict:
+    """``create_model``'s weight arguments from ``--pretrained`` / ``--checkpoint``."""
+    return {"pretrained": args.pretrained or False, "checkpoint": args.checkpoint}
+
+
+def add_weights_arguments(p, checkpoint_help: str, model_option: bool = False) -> None:
+    """``--pretrained [TAG]`` and ``--checkpoint PATH`` (and ``--model NAME`` where the model may come from the
+    checkpoint): where a command's weights come from."""
+    if model_option:
+        p.add_argument("--model", default=None,
+                       help="a registered model name; when not given, the one the checkpoint records")
+    add_pretrained_argument(p)
+    p.add_argument("--checkpoint", default=None, help=checkpoint_help)

@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from .common import add_weights_arguments
+
 
 def _cmd_train(args) -> int:
     from ..train.config import config_from_args
@@ -55,11 +57,12 @@ def add_train(sub) -> None:
 def _cmd_eval(args) -> int:
     from ..train.evaluate import evaluate_checkpoint
     res = evaluate_checkpoint(args.data, args.checkpoint, args.model, args.img_size, args.batch_size, args.crop_pct,
-                              args.workers, args.device, args.threads)
+                              args.workers, args.device, args.threads, pretrained=args.pretrained)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{res['model']} ({res['weights']} weights) on {res['images']} images of {res['data']} at "
+        weights = f"published weights {res['pretrained']!r}" if res["pretrained"] else f"{res['weights']} weights"
+        print(f"{res['model']} ({weights}) on {res['images']} images of {res['data']} at "
               f"{res['img_size']}px: top-1 {res['val_top1']:.4f}  top-5 {res['val_top5']:.4f}"
               + (f"  ({res['skipped']} unreadable images skipped)" if res["skipped"] else ""))
     return 0
@@ -67,18 +70,19 @@ def _cmd_eval(args) -> int:
 
 def add_eval(sub) -> None:
     """``edgevits eval``: top-1/top-5 of a checkpoint on an ImageFolder."""
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an ImageFolder",
-                       description="Top-1/top-5 of a checkpoint on an ImageFolder. The class folders must be the "
-                                   "classes the checkpoint records (edgevits train records them).")
+    about = ("Top-1/top-5 of a checkpoint, or of a model's published weights, on an ImageFolder, preprocessed as "
+             "the weights were evaluated. The class folders must be the classes the checkpoint records (edgevits "
+             "train records them; published weights: ImageNet-1k's synset folders, n01440764 ...).")
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on an ImageFolder", description=about)
     p.add_argument("--data", required=True, help="folder of class folders (or a folder holding val/)")
-    p.add_argument("--model", default=None, help="model name; when not given, the one the checkpoint records")
-    p.add_argument("--checkpoint", required=True,
-                   help="weights to evaluate: a weights file, a last.state.pt, or a run folder (its "
-                        "best.safetensors); EMA weights when it holds them")
+    add_weights_arguments(p, "weights to evaluate: a weights file, a last.state.pt, or a run folder (its "
+                             "best.safetensors); EMA weights when it holds them (this or --pretrained is required)",
+                          model_option=True)
     p.add_argument("--img-size", type=int, default=None,
                    help="resolution; when not given, the one the checkpoint records (else 224)")
     p.add_argument("--crop-pct", type=float, default=None,
-                   help="resize to size / crop_pct, centre-crop size; when not given, the checkpoint's (else 0.875)")
+                   help="resize to size / crop_pct, centre-crop size; when not given, the weights' (what the "
+                        "checkpoint stored, the published weights' own, else the official 0.875)")
     p.add_argument("--batch-size", type=int, default=100, help="images per evaluation step")
     p.add_argument("--workers", type=int, default=-1,
                    help="data-loading processes; -1: one less than the cores available")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..checkpoint.weights import get_weights
 from ..errors import BackendUnavailable
 from ..fuse import fuse_model
 from ..registry import create_model, get_entry, list_models
@@ -49,6 +50,8 @@ class BenchSpec:
     budget_s: float = 3.0  # time budget per model and batch size for the timed runs of all its runners
     compare: str | None = None  # "timm": the same variants from timm, same weights, interleaved
     tune_malloc: bool = True  # keep freed activation memory in the process while the bench runs, for every runner
+    pretrained: bool | str = False  # True or a tag: our models carry their published weights (the timm twin, when
+    # compared, keeps its own random weights: timing does not depend on the values)
     # (edgevits.runtime.allocator.malloc_tuned; the settings in force before are restored after the run)
 
 
@@ -109,9 +112,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 def check_spec(spec: BenchSpec) -> None:
     """Fail before any work on what ``spec`` cannot do: unknown model, backend or dtype (``KeyError`` /
-    ``ValueError``), a CUDA device without CUDA (``ValueError``), ``compare="timm"`` without timm (``ImportError``)."""
+    ``ValueError``), a CUDA device without CUDA (``ValueError``), ``compare="timm"`` without timm (``ImportError``),
+    a ``pretrained`` tag a model does not have (``ConfigError``, before any download)."""
     for name in spec.models:
         get_entry(name)
+    if spec.pretrained:
+        for name in spec.models or list_models():
+            get_weights(name, spec.pretrained)
     for b in spec.backends:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
@@ -193,8 +200,8 @@ def _build_subject(spec: BenchSpec, name: str, workdir: Path, say: Callable[[str
             timm_model, model = timm_twin(name, spec.img_size)
         except BackendUnavailable as e:
             subject.notes.update({("timm", b): ("skipped", str(e)) for b in spec.backends})
-    if model is None:  # built for the bench's size, as the timm twin's is (EfficientViT's windows)
-        model = create_model(name, img_size=spec.img_size).eval()
+    if model is None or spec.pretrained:  # built for the bench's size, as the timm twin's is (EfficientViT's windows)
+        model = create_model(name, img_size=spec.img_size, pretrained=spec.pretrained).eval()
     subject.params, subject.macs = count_params(model), count_macs(model, spec.img_size)
     dtype = DTYPES[spec.dtype]
     example = torch.randn(2, 3, spec.img_size, spec.img_size, device=spec.device, dtype=dtype)

@@ -32,6 +32,10 @@ class TrainConfig:
     checkpoint: str | None = field(default=None, metadata=_help(
         "pretrained weights to start from (any format create_model reads); a head of another class count is reset "
         "(default: none, random initialisation)"))
+    pretrained: str | None = field(default=None, metadata={**_help(
+        "start from the model's published weights: --pretrained alone for the default (timm's hub repo), or a tag "
+        "(edgevits.list_weights(MODEL) lists them); downloaded once and cached; their preprocessing is the run's "
+        "(default: none)"), "nargs": "?", "const": "default", "metavar": "TAG"})
     output: str = field(default="runs/train", metadata=_help(
         "output folder: metrics.jsonl, config.json, last.* and best.* checkpoints. A folder that already holds a "
         "run is refused, so that nothing is overwritten: continue that run with --resume OUT, or pass a new folder"))
@@ -79,8 +83,9 @@ class TrainConfig:
     cutmix: float = field(default=1.0, metadata=_help("cutmix alpha; 0 disables"))
     mixup_prob: float = field(default=1.0, metadata=_help("probability of mixing a batch"))
     mixup_switch_prob: float = field(default=0.5, metadata=_help("probability of cutmix when both are enabled"))
-    crop_pct: float = field(default=0.875, metadata=_help(
-        "evaluation: resize to img_size / crop_pct (bicubic), then centre-crop img_size"))
+    crop_pct: float | None = field(default=None, metadata=_help(
+        "evaluation: resize to img_size / crop_pct, then centre-crop img_size; when not given, the --pretrained "
+        "weights' crop, else the papers' 0.875 (the official evaluation: resize 256, crop 224)"))
     repeated_aug: int = field(default=1, metadata=_help(
         "repeated augmentation: each image appears this many times per epoch (the papers used 3 on many GPUs)"))
 
@@ -118,6 +123,12 @@ class TrainConfig:
         check_values({name: getattr(self, name) for name in RULES})
         self._check_choices()
         check_model_size(self.model, self.img_size)
+        if self.pretrained:  # an unknown tag fails here, before any download
+            from ..checkpoint.weights import get_weights
+            try:  # ("default" becomes the tag it stands for, so that config.json names the weights)
+                object.__setattr__(self, "pretrained", get_weights(self.model, self.pretrained).tag)
+            except (ConfigError, UnknownModelError) as e:
+                raise type(e)(f"--pretrained: {e}") from None
         self._check_teacher()
         check_device(self.device, here=False)  # whether it is present is checked where the run starts
 
@@ -136,6 +147,9 @@ class TrainConfig:
             raise ConfigError("--teacher given but --distillation is none: pass --distillation hard or soft")
         if self.teacher_checkpoint and not self.teacher:
             raise ConfigError("--teacher-checkpoint given without --teacher: pass --teacher MODEL_NAME as well")
+        if self.pretrained and self.checkpoint:
+            raise ConfigError("--pretrained and --checkpoint both given: pass one (--pretrained loads published "
+                              "weights, --checkpoint a file of your own)")
         from .data import RandAugment
         try:
             RandAugment.parse(self.randaugment)
@@ -158,6 +172,26 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (what config.json and the training state record)."""
         return dataclasses.asdict(self)
+
+    def data_config(self):
+        """The run's preprocessing (a ``DataConfig``): the ``--pretrained`` weights' (``edgevits.data_config``),
+        else the official evaluation's, at ``--img-size``, with ``--crop-pct`` when given."""
+        from ..checkpoint.preprocess import DataConfig, data_config
+        from ..checkpoint.weights import weights_table
+        if self.pretrained or self.model in weights_table():
+            base = data_config(self.model, self.pretrained or "official")
+        else:  # a model registered by the user: ImageNet statistics and the papers' evaluation crop
+            base = DataConfig()
+        base = base.with_size(self.img_size)
+        return dataclasses.replace(base, crop_pct=self.crop_pct) if self.crop_pct else base
+
+    def initial_weights(self):
+        """The weights the run starts from: ``--checkpoint``, the file of the ``--pretrained`` weights (found in
+        the drop-in folder or cache, else downloaded and checked), or None."""
+        if not self.pretrained:
+            return self.checkpoint
+        from ..checkpoint.weights import get_weights, pretrained_file
+        return pretrained_file(get_weights(self.model, self.pretrained))
 
 
 # ---- checks shared by train and eval --------------------------------------------------------------------------------
@@ -338,8 +372,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         if tp is bool:
             parser.add_argument(flag(f.name), dest=f.name, action=_Switch, default=default, help=text)
         else:
+            extra = {k: f.metadata[k] for k in ("nargs", "const") if k in f.metadata}
             parser.add_argument(flag(f.name), dest=f.name, action=_Store, type=tp, default=default,
-                                metavar=f.name.upper(), help=text)
+                                metavar=f.metadata.get("metavar", f.name.upper()), help=text, **extra)
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:

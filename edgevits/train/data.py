@@ -1,5 +1,9 @@
 """Data: ImageFolder scanning, pillow decoding, the training and evaluation transforms, a deterministic sampler.
 
+Normalisation, interpolation and the evaluation crop come from a ``DataConfig`` (``edgevits.data_config``: the
+preprocessing of the weights a run starts from, else the official evaluation's); the evaluation transform is
+``edgevits.checkpoint.preprocess.EvalTransform``.
+
 Every random choice of the training transform comes from a numpy generator seeded with (seed, epoch, position in
 the epoch), so the images a step sees do not depend on the number of loader processes, and a resumed run sees the
 same images as an uninterrupted one. Images that cannot be decoded are skipped with a warning and counted.
@@ -17,11 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from ..checkpoint.preprocess import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, random_resized_crop, to_tensor
 from ..errors import DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 _FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
 
 
@@ -92,46 +94,6 @@ def load_image(path: str) -> Image.Image | None:
 
 
 # ---- transforms ----------------------------------------------------------------------------------------------------
-
-def to_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """PIL RGB -> normalised float tensor (3, H, W)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
-
-
-def eval_transform(img: Image.Image, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Resize the shorter side to ``size / crop_pct`` (bicubic), centre-crop ``size``, normalise."""
-    short = int(math.floor(size / crop_pct))
-    w, h = img.size
-    if w <= h:
-        nw, nh = short, max(1, int(round(h * short / w)))
-    else:
-        nw, nh = max(1, int(round(w * short / h))), short
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return to_tensor(img.crop((left, top, left + size, top + size)))
-
-
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """A crop of random area fraction in ``scale`` and aspect ratio in ``ratio``, resized to ``size`` (bicubic)."""
-    w, h = img.size
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            break
-    else:  # fall back to the largest centred crop within the ratio range
-        aspect = w / h
-        cw, ch = (w, int(round(w / ratio[0]))) if aspect < ratio[0] else (
-            (int(round(h * ratio[1])), h) if aspect > ratio[1] else (w, h))
-        cw, ch = min(cw, w), min(ch, h)
-        left, top = (w - cw) // 2, (h - ch) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-
 
 def _signed(v: float, rng: np.random.Generator) -> float:
     return -v if rng.random() < 0.5 else v
@@ -237,7 +199,8 @@ def random_erase(x: torch.Tensor, rng: np.random.Generator, prob: float, area=(0
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """Random resized crop, flip, RandAugment (or colour jitter), normalise, random erasing."""
+    """Random resized crop, flip, RandAugment (or colour jitter), normalise, random erasing; ``mean``, ``std`` and
+    the crop's ``interpolation`` from the run's ``DataConfig``."""
 
     size: int
     scale_min: float = 0.08
@@ -245,16 +208,19 @@ class TrainTransform:
     randaugment: RandAugment | None = None
     color_jitter: float = 0.0
     reprob: float = 0.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bicubic"
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        img = random_resized_crop(img, self.size, rng, scale=(self.scale_min, 1.0))
+        img = random_resized_crop(img, self.size, rng, scale=(self.scale_min, 1.0), interpolation=self.interpolation)
         if self.hflip > 0 and rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
             img = self.randaugment(img, rng)
         elif self.color_jitter > 0:
             img = color_jitter(img, self.color_jitter, rng)
-        return random_erase(to_tensor(img), rng, self.reprob)
+        return random_erase(to_tensor(img, self.mean, self.std), rng, self.reprob)
 
 
 # ---- datasets, sampler, collate ------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def build_student(cfg: TrainConfig, num_classes: int, log: Log | None = None,
     log = log or _no_log
     want_dist = cfg.distillation != "none"
     common = dict(img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
-    if not cfg.checkpoint:
+    if not cfg.checkpoint and weights is None:
         return create_model(cfg.model, num_classes=num_classes, distillation=want_dist, **common)
     from ..checkpoint import CheckpointError, load_checkpoint
     sd, meta = weights if weights is not None else read_checkpoint(cfg.checkpoint)
@@ -91,8 +91,8 @@ def build_student(cfg: TrainConfig, num_classes: int, log: Log | None = None,
     report = load_checkpoint(model, sd, strict=False)
     missing = [k for k in report["missing"] if not k.startswith(("head.", "head_dist."))]
     if missing or report["unexpected"]:
-        raise CheckpointError(f"{cfg.checkpoint} does not fit {cfg.model}: missing {missing[:10]}, "
-                              f"unexpected {report['unexpected'][:10]}")
+        raise CheckpointError(f"{cfg.checkpoint or cfg.pretrained} does not fit {cfg.model}: missing "
+                              f"{missing[:10]}, unexpected {report['unexpected'][:10]}")
     head_missing = any(k.startswith("head.") for k in report["missing"])
     if model.head_dist is not None and any(k.startswith("head_dist.") for k in report["missing"]) \
             and not head_missing:
@@ -202,9 +202,10 @@ def _loaders(cfg: TrainConfig, rt: Runtime):
                             "folder of images per class")
     train_samples, classes = scan_image_folder(root / "train")
     workers = default_workers(rt.world_size) if cfg.workers < 0 else cfg.workers
-    vloader, _ = val_loader(root / "val", classes, cfg.img_size, cfg.crop_pct, cfg.batch_size, workers, rt)
+    preprocess = cfg.data_config()
+    vloader, _ = val_loader(root / "val", classes, preprocess, cfg.batch_size, workers, rt)
     transform = TrainTransform(cfg.img_size, cfg.scale_min, cfg.hflip, RandAugment.parse(cfg.randaugment),
-                               cfg.color_jitter, cfg.reprob)
+                               cfg.color_jitter, cfg.reprob, preprocess.mean, preprocess.std, preprocess.interpolation)
     train_ds = ImageFolderDataset(train_samples, classes, transform, seed=cfg.seed)
     sampler = EpochSampler(len(train_ds), cfg.seed, rt.rank, rt.world_size, cfg.repeated_aug)
     # (a loader draws its workers' base seed from its generator each time it starts an epoch; with the global
@@ -221,7 +222,8 @@ def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
     training state and the pretrained weights are read first: a file that cannot be used fails before the data
     is scanned."""
     state = load_state(cfg.resume) if cfg.resume else None
-    weights = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    initial = cfg.initial_weights()  # --checkpoint, or the --pretrained weights' file (downloaded once)
+    weights = read_checkpoint(initial) if initial else None
     classes, train_size, sampler, tloader, vloader = _loaders(cfg, rt)
     derived = resolve(cfg, rt.world_size, len(tloader))
     num_classes = len(classes)
@@ -405,7 +407,9 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool) -> None:
         return
     write_metrics(run.out / "metrics.jsonl", run.rows)
     weights = (run.ema.module if run.ema is not None else run.model).state_dict()
-    meta = {"classes": run.classes, "img_size": cfg.img_size, "crop_pct": cfg.crop_pct, "train_config": cfg.to_dict(),
+    preprocess = cfg.data_config()
+    meta = {"classes": run.classes, "img_size": cfg.img_size, "crop_pct": preprocess.crop_pct,
+            "data_config": preprocess.to_dict(), "train_config": cfg.to_dict(),
             "epoch": epoch + 1, "val_top1": row["val_top1"], "val_top5": row["val_top5"], "weights": row["weights"]}
     if improved:
         save_checkpoint(run.model, run.out / "best.safetensors", extra=meta, state_dict=weights)

@@ -1,6 +1,7 @@
 """Evaluation: top-1/top-5 of a model over a loader (summed over processes), and of a checkpoint on a folder."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import read_checkpoint
+from ..checkpoint.preprocess import DataConfig, EvalTransform, data_config
+from ..checkpoint.weights import get_weights, imagenet_classes, weights_table
 from ..errors import ConfigError, DataError
 from ..registry import create_model
 from ..runtime.settings import num_threads
 from .config import check_device, check_model_size, check_values
-from .data import (ImageFolderDataset, check_classes, class_list, collate_skipping, eval_transform,
-                   scan_image_folder)
+from .data import ImageFolderDataset, check_classes, class_list, collate_skipping, scan_image_folder
 from .distributed import Runtime, all_reduce
 from .files import load_state
 
@@ -57,16 +59,17 @@ def default_workers(world_size: int) -> int:
     return max(0, min(8, cpus // max(world_size, 1) - 1))
 
 
-def val_loader(root, classes, img_size: int, crop_pct: float, batch_size: int, workers: int, rt: Runtime):
-    """Loader over ``root`` (ImageFolder; its classes must equal ``classes`` when given); each process takes every
-    ``world_size``-th image, so the summed counts cover every image exactly once. Returns it and the classes."""
+def val_loader(root, classes, preprocess: DataConfig, batch_size: int, workers: int, rt: Runtime):
+    """Loader over ``root`` (ImageFolder; its classes must equal ``classes`` when given), preprocessed as
+    ``preprocess`` says (``EvalTransform``); each process takes every ``world_size``-th image, so the summed counts
+    cover every image exactly once. Returns it and the classes."""
     samples, found = scan_image_folder(root, classes)
-    return _loader(samples, found, img_size, crop_pct, batch_size, workers, rt), found
+    return _loader(samples, found, preprocess, batch_size, workers, rt), found
 
 
-def _loader(samples, classes, img_size: int, crop_pct: float, batch_size: int, workers: int, rt: Runtime):
+def _loader(samples, classes, preprocess: DataConfig, batch_size: int, workers: int, rt: Runtime):
     """The evaluation loader over scanned ``samples`` (see ``val_loader``)."""
-    ds = ImageFolderDataset(samples, classes, lambda img: eval_transform(img, img_size, crop_pct), train=False)
+    ds = ImageFolderDataset(samples, classes, EvalTransform(preprocess), train=False)
     indices = list(range(rt.rank, len(ds), rt.world_size))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
                                        collate_fn=collate_skipping, pin_memory=rt.device.type == "cuda",
@@ -74,25 +77,26 @@ def _loader(samples, classes, img_size: int, crop_pct: float, batch_size: int, w
                                        generator=torch.Generator())  # own generator: see the train loader
 
 
-def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = None, img_size: int | None = None,
-                        batch_size: int = 100, crop_pct: float | None = None, workers: int = -1,
-                        device: str = "auto", threads: int = 0) -> dict:
-    """Evaluate a checkpoint on an ImageFolder (``data`` holds class folders, or ``val/``). ``checkpoint`` is a
-    weights file, a training state (``*.state.pt``) or a run folder (its ``best.safetensors``). An edgevits
-    training checkpoint holds the weights its run evaluated (the EMA when EMA was on); foreign training
-    checkpoints with a ``model_ema`` entry are read from it. ``threads``: torch CPU threads for this call (0 keeps
-    torch's choice). Returns top-1/top-5 as fractions and what was evaluated.
+def evaluate_checkpoint(data: str, checkpoint: str | None = None, model_name: str | None = None,
+                        img_size: int | None = None, batch_size: int = 100, crop_pct: float | None = None,
+                        workers: int = -1, device: str = "auto", threads: int = 0,
+                        pretrained: str | bool | None = None) -> dict:
+    """Evaluate a checkpoint, or a model's published weights (``pretrained``: True or a tag), on an ImageFolder
+    (``data`` holds class folders, or ``val/``). ``checkpoint`` is a weights file, a training state
+    (``*.state.pt``) or a run folder (its ``best.safetensors``). An edgevits training checkpoint holds the weights
+    its run evaluated (the EMA when EMA was on); foreign training checkpoints with a ``model_ema`` entry are read
+    from it. Images are preprocessed as the weights were evaluated (``edgevits.data_config``: what an edgevits
+    checkpoint stored, the published weights' own, else the official evaluation's), with ``img_size`` and
+    ``crop_pct`` when given. ``threads``: torch CPU threads for this call (0 keeps torch's choice). Returns
+    top-1/top-5 as fractions and what was evaluated.
 
     Bad input fails before the model is built: settings out of range (``ConfigError``), a checkpoint that cannot
-    be read safely (``CheckpointError``), class folders other than the classes the checkpoint records or than its
-    class count (``DataError``, naming both)."""
+    be read safely (``CheckpointError``), class folders other than the classes the checkpoint records (published
+    weights: ImageNet-1k's synset folders) or than its class count (``DataError``, naming both)."""
     check_values({"img_size": img_size, "batch_size": batch_size, "crop_pct": crop_pct, "workers": workers,
                   "threads": threads})
     check_device(device)
-    source, meta = _eval_source(checkpoint)
-    name = model_name or meta.get("model")
-    if not name:
-        raise ConfigError(f"{checkpoint} does not record its model: pass --model NAME")
+    source, meta, name = _eval_source(checkpoint, model_name, pretrained)
     size = img_size or meta.get("img_size") or (meta.get("config") or {}).get("img_size") or 224
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     check_model_size(name, size)
@@ -100,34 +104,75 @@ def evaluate_checkpoint(data: str, checkpoint: str, model_name: str | None = Non
     if (root / "val").is_dir() and (root / "train").is_dir():
         root = root / "val"
     samples, found = scan_image_folder(root)
-    check_classes(found, meta.get("classes"), str(root), f"checkpoint {str(checkpoint)!r}")
+    what = f"checkpoint {str(checkpoint)!r}" if checkpoint else f"{name}'s published weights"
+    check_classes(found, meta.get("classes"), str(root), what)
     rt = Runtime(device=torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                      ("cpu" if device == "auto" else device)))
+    preprocess = eval_preprocess(name, meta, size, crop_pct)
     with num_threads(threads):
-        model = create_model(name, checkpoint=source, **({"img_size": size} if img_size or source is not checkpoint
-                                                          else {}))
+        extra = {"img_size": size} if img_size or source is not checkpoint else {}
+        model = create_model(name, pretrained=meta.get("pretrained") or False, checkpoint=source, **extra)
         if model.num_classes != len(found):
-            raise DataError(f"checkpoint {str(checkpoint)!r} predicts {model.num_classes} classes but {root} has "
-                            f"{class_list(found)}: pass a folder with one folder per class the model was trained on")
-        loader = _loader(samples, found, size, crop_pct or meta.get("crop_pct", 0.875), batch_size,
-                         default_workers(1) if workers < 0 else workers, rt)
+            raise DataError(f"{what} predicts {model.num_classes} classes but {root} has {class_list(found)}: pass "
+                            "a folder with one folder per class the model was trained on")
+        loader = _loader(samples, found, preprocess, batch_size, default_workers(1) if workers < 0 else workers, rt)
         res = evaluate(model.to(rt.device), loader, rt.device, rt, amp=rt.device.type == "cuda")
-    return {"model": name, "checkpoint": str(checkpoint), "data": str(root), "img_size": size,
+    return {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": meta.get("pretrained"),
+            "data": str(root), "img_size": size, "preprocess": preprocess.to_dict(),
             "weights": meta.get("weights", "model"), "val_top1": res["top1"], "val_top5": res["top5"],
             "val_loss": res["loss"], "images": res["images"], "skipped": res["skipped"],
             "recorded_val_top1": meta.get("val_top1")}
 
 
-def _eval_source(checkpoint: str) -> tuple:
-    """``(weights or path, metadata)`` to evaluate: a training state (``*.state.pt``) gives its EMA weights when
-    it has them, else its model weights; other files, and run folders (their ``best.safetensors``), are read as
-    they are."""
+def eval_preprocess(name: str, meta: dict, size: int, crop_pct: float | None = None) -> DataConfig:
+    """The preprocessing to evaluate ``name`` with, from what its weights record (``meta``: an edgevits
+    checkpoint's stored ``data_config``, a ``pretrained`` tag, an older checkpoint's ``crop_pct``), else the
+    official evaluation's (ImageNet defaults for a model without published weights); at ``size``, with
+    ``crop_pct`` when given."""
+    if meta.get("data_config"):
+        base = DataConfig.from_dict(meta["data_config"])
+    elif meta.get("pretrained"):
+        base = data_config(name, meta["pretrained"])
+    else:
+        base = data_config(name, "official") if name in weights_table() else DataConfig()
+        crop_pct = crop_pct or meta.get("crop_pct")
+    base = base.with_size(size)
+    return dataclasses.replace(base, crop_pct=crop_pct) if crop_pct else base
+
+
+def _eval_source(checkpoint: str | None, model_name: str | None, pretrained) -> tuple:
+    """``(weights or path, metadata, model name)`` to evaluate: published weights (``pretrained``; their
+    metadata: the tag and ImageNet's synsets as classes), a training state (``*.state.pt``: its EMA weights when it
+    has them, else its model weights), or another file, or a run folder (its ``best.safetensors``), read as it is."""
+    if pretrained:
+        if checkpoint:
+            raise ConfigError("--pretrained and --checkpoint both given: pass one")
+        if not model_name:
+            raise ConfigError("--pretrained needs --model NAME")
+        tag = get_weights(model_name, pretrained).tag
+        return None, {"pretrained": tag, "classes": imagenet_classes(synsets=True)}, model_name
+    if not checkpoint:
+        raise ConfigError("nothing to evaluate: pass --checkpoint PATH or --pretrained [TAG] (with --model)")
     if str(checkpoint).endswith(".state.pt"):
         state = load_state(checkpoint)
         config = state.get("config") or {}
         ema = state.get("ema")
-        meta = {"model": config.get("model"), "img_size": config.get("img_size"),
-                "crop_pct": config.get("crop_pct", 0.875), "classes": state.get("classes"),
-                "weights": "ema" if ema else "model"}
-        return (ema["weights"] if ema else state["model"]), meta
-    return checkpoint, read_checkpoint(checkpoint)[1]
+        meta = {"model": config.get("model"), "img_size": config.get("img_size"), "crop_pct": config.get("crop_pct"),
+                "pretrained": None, "classes": state.get("classes"), "weights": "ema" if ema else "model",
+                "data_config": _state_preprocess(config)}
+        source = ema["weights"] if ema else state["model"]
+    else:
+        source, meta = checkpoint, read_checkpoint(checkpoint)[1]
+    name = model_name or meta.get("model")
+    if not name:
+        raise ConfigError(f"{checkpoint} does not record its model: pass --model NAME")
+    return source, meta, name
+
+
+def _state_preprocess(config: dict) -> dict | None:
+    """The preprocessing a training state's run used (its saved ``TrainConfig``), or None when it cannot say."""
+    from .config import TrainConfig
+    try:
+        return TrainConfig(**config).data_config().to_dict()
+    except (TypeError, ValueError, KeyError):  # a config of another version, a model no longer registered
+        return None

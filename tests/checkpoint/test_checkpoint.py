@@ -121,3 +121,12 @@ def test_create_model_applies_the_same_checks_as_load_checkpoint(tmp_path):
                                     tmp_path / "legacy")
     with pytest.raises(CheckpointError, match="attention_revision='legacy'"):
         edgevits.create_model("swiftformer_xs", checkpoint=path, attention_revision="current")
+
+
+def test_save_checkpoint_keeps_the_class_names_and_preprocessing_create_model_recorded(tmp_path):
+    from edgevits.checkpoint.preprocess import data_config
+    model = edgevits.create_model("swiftformer_xs", img_size=64, num_classes=3)
+    model.class_names = ["cat", "dog", "eel"]
+    model.data_config = data_config(model)
+    again = edgevits.create_model("swiftformer_xs", checkpoint=edgevits.save_checkpoint(model, tmp_path / "w"))
+    assert again.class_names == ["cat", "dog", "eel"] and again.data_config == model.data_config

@@ -33,7 +33,7 @@ __all__ = ["IMAGE_CLASSES", "PARITY_FACTOR", "UNIT_ROUNDOFF", "assert_parity", "
 # batched deploy form rounds in another order); ours loaded with timm's weights was 0.96-1.03 times timm's own error;
 # ONNX Runtime and OpenVINO exports 0.5-2.3 times. A factor of 10 sits above all of them. The yardstick itself is
 # 3e-7 (SwiftFormer) to 5e-5 (EfficientViT-M5) of the largest logit, so the bound still fails a mistake of 1e-4 on
-# every family's smallest variant (tests/test_models.py checks that it does).
+# every family's smallest variant (tests/models/test_models.py checks that it does).
 PARITY_FACTOR = 10.0
 UNIT_ROUNDOFF = 2.0 ** -24  # float32: no float32 result can be closer to the exact one than this, relatively
 

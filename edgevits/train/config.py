@@ -15,6 +15,9 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+_RECIPE = "(default: from --recipe)"  # the settings a recipe decides when the command line leaves them unset
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Training settings. Defaults follow the SwiftFormer / EfficientFormer / EfficientViT recipe (DeiT-based, see
@@ -49,14 +52,24 @@ class TrainConfig:
 
     # optimisation
     epochs: int = field(default=300, metadata=_help("training epochs"))
-    batch_size: int = field(default=128, metadata=_help("images per step per process"))
+    recipe: str = field(default="auto", metadata=_help(
+        "where the settings left unset come from: auto (scaled to the images the run will see and whether it "
+        "starts from trained weights; see docs/training.md) or paper (the papers' ImageNet recipe)"))
+    batch_size: int | None = field(default=None, metadata=_help(f"images per step per process {_RECIPE}"))
     lr: float | None = field(default=None, metadata=_help(
-        "peak learning rate; when not given, 1e-3 x global batch / 1024 (the papers' scaling rule)"))
+        f"peak learning rate {_RECIPE}: auto 2e-3 x sqrt(global batch / 64), from scratch and fine-tuning; "
+        "paper 1e-3 x global batch / 1024"))
+    backbone_lr_scale: float | None = field(default=None, metadata=_help(
+        f"the backbone's learning rate as a fraction of the head's (below 1 for a gentler fine-tuning) {_RECIPE}: "
+        "1 (a tenth lost 15-35 points fine-tuning MNIST-5k models on rotated digits)"))
+    freeze_epochs: int = field(default=0, metadata=_help(
+        "epochs at the start during which only the classifier learns (the backbone's learning rate is 0; its "
+        "BatchNorm statistics still adapt)"))
     min_lr: float = field(default=1e-5, metadata=_help(
         "learning rate at the end of the cosine schedule; when it is not below the peak (e.g. the scaled peak at "
         "a global batch of 10 or less) the cosine ends at a hundredth of the peak instead, so it never rises"))
-    warmup_epochs: int = field(default=5, metadata=_help(
-        "linear warm-up epochs (capped at a fifth of the run)"))
+    warmup_epochs: int | None = field(default=None, metadata=_help(
+        f"linear warm-up epochs, capped at a fifth of the run {_RECIPE}"))
     warmup_lr: float = field(default=1e-6, metadata=_help(
         "learning rate at the start of the warm-up (the peak when that is lower)"))
     weight_decay: float = field(default=0.025, metadata=_help("AdamW weight decay (not applied to norms and biases)"))
@@ -65,22 +78,30 @@ class TrainConfig:
     clip_mode: str = field(default="agc", metadata=_help(
         "agc (adaptive: per-unit gradient norm <= clip_grad x weight norm, as the official SwiftFormer recipe), "
         "norm (global gradient norm) or value"))
-    smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
+    smoothing: float | None = field(default=None, metadata=_help(f"label smoothing {_RECIPE}"))
     drop_path: float = field(default=0.0, metadata=_help("stochastic depth rate of the model"))
-    ema_decay: float = field(default=0.99996, metadata=_help(
-        "EMA decay of the weights; capped at max(1 - 5/total_steps, 0.9) so that a short run averages over "
-        "about its last fifth at most; 0 disables EMA"))
+    bn_images: int | None = field(default=None, metadata=_help(
+        "training images (preprocessed as for evaluation) on which the BatchNorm statistics are recomputed before "
+        "each validation, so that a short run is not judged by running averages that lag its weights; 0 keeps "
+        f"the running averages {_RECIPE}: auto min(training images, 512), paper 0"))
+    ema_decay: float | None = field(default=None, metadata=_help(
+        "EMA decay of the weights, capped at max(1 - 5/total_steps, 0.9) so that a short run averages over about "
+        f"its last fifth at most; 0 disables EMA {_RECIPE}"))
 
     # augmentation
-    hflip: float = field(default=0.5, metadata=_help("horizontal flip probability (0 for digits or text)"))
-    scale_min: float = field(default=0.08, metadata=_help("smallest area fraction of the random resized crop"))
-    randaugment: str = field(default="rand-m9-mstd0.5-inc1", metadata=_help(
-        "RandAugment policy (timm syntax: rand-m<magnitude>-n<ops>-mstd<std>-inc<0|1>); 'none' disables"))
-    color_jitter: float = field(default=0.4, metadata=_help(
-        "colour jitter strength (used only when RandAugment is off, as in DeiT)"))
-    reprob: float = field(default=0.25, metadata=_help("random erasing probability (per-pixel normal noise)"))
-    mixup: float = field(default=0.8, metadata=_help("mixup alpha; 0 disables"))
-    cutmix: float = field(default=1.0, metadata=_help("cutmix alpha; 0 disables"))
+    hflip: float | None = field(default=None, metadata=_help(
+        f"horizontal flip probability: 0 for digits, text, or anything whose mirror image is another class {_RECIPE}"))
+    scale_min: float | None = field(default=None, metadata=_help(
+        f"smallest area fraction of the random resized crop {_RECIPE}"))
+    randaugment: str | None = field(default=None, metadata=_help(
+        "RandAugment policy (timm syntax: rand-m<magnitude>-n<ops>-mstd<std>-inc1, built from albumentations' "
+        f"ops); 'none' disables {_RECIPE}"))
+    color_jitter: float | None = field(default=None, metadata=_help(
+        f"colour jitter strength (used only when RandAugment is off, as in DeiT) {_RECIPE}"))
+    reprob: float | None = field(default=None, metadata=_help(
+        f"random erasing probability (per-pixel normal noise) {_RECIPE}"))
+    mixup: float | None = field(default=None, metadata=_help(f"mixup alpha; 0 disables {_RECIPE}"))
+    cutmix: float | None = field(default=None, metadata=_help(f"cutmix alpha; 0 disables {_RECIPE}"))
     mixup_prob: float = field(default=1.0, metadata=_help("probability of mixing a batch"))
     mixup_switch_prob: float = field(default=0.5, metadata=_help("probability of cutmix when both are enabled"))
     crop_pct: float | None = field(default=None, metadata=_help(
@@ -137,6 +158,8 @@ class TrainConfig:
         if not self.data or not self.model or not self.output:
             empty = [flag(n) for n in ("data", "model", "output") if not getattr(self, n)]
             raise ConfigError(f"{', '.join(empty)} must not be empty: pass a path or name")
+        if self.recipe not in ("auto", "paper"):
+            raise ConfigError(f"--recipe must be auto or paper, got {self.recipe!r}")
         if self.distillation not in ("hard", "soft", "none"):
             raise ConfigError(f"--distillation must be hard, soft or none, got {self.distillation!r}")
         if self.clip_mode not in ("agc", "norm", "value"):
@@ -150,7 +173,7 @@ class TrainConfig:
         if self.pretrained and self.checkpoint:
             raise ConfigError("--pretrained and --checkpoint both given: pass one (--pretrained loads published "
                               "weights, --checkpoint a file of your own)")
-        from .data import RandAugment
+        from .augment import RandAugment
         try:
             RandAugment.parse(self.randaugment)
         except ValueError as e:
@@ -240,11 +263,13 @@ RULES: dict[str, Range] = {
     "warmup_epochs": _at_least(0, "0: no warm-up"), "warmup_lr": _at_least(0), "weight_decay": _at_least(0),
     "opt_eps": _above(0), "clip_grad": _at_least(0, "0 disables clipping"),
     "smoothing": Range(0, 1, high_open=True), "drop_path": Range(0, 1, high_open=True),
+    "bn_images": _at_least(0, "0 keeps the running averages"),
     "ema_decay": Range(0, 1, high_open=True, note="0 disables EMA"), "hflip": _FRACTION,
     "scale_min": Range(0, 1, low_open=True), "color_jitter": _at_least(0), "reprob": _FRACTION,
     "mixup": _at_least(0, "0 disables mixup"), "cutmix": _at_least(0, "0 disables cutmix"),
     "mixup_prob": _FRACTION, "mixup_switch_prob": _FRACTION, "crop_pct": Range(0, 1, low_open=True),
     "repeated_aug": _at_least(1, "1: no repeats"), "teacher_img_size": _at_least(MIN_IMG_SIZE),
+    "backbone_lr_scale": _at_least(0, "0 freezes the backbone"), "freeze_epochs": _at_least(0),
     "distillation_alpha": _FRACTION, "distillation_tau": _above(0),
     "workers": _at_least(-1, "-1: one less than the cores available, 0: load in the training process"),
     "threads": _at_least(0, "0 keeps torch's choice"),

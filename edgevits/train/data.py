@@ -1,30 +1,31 @@
-"""Data: ImageFolder scanning, pillow decoding, the training and evaluation transforms, a deterministic sampler.
-
-Normalisation, interpolation and the evaluation crop come from a ``DataConfig`` (``edgevits.data_config``: the
-preprocessing of the weights a run starts from, else the official evaluation's); the evaluation transform is
+"""Data: ImageFolder scanning, pillow decoding, the dataset, a deterministic sampler and batch mixing (Mixup,
+CutMix). The per-image training augmentation is ``augment.TrainTransform`` (albumentations); normalisation,
+interpolation and the evaluation crop come from a ``DataConfig`` (``edgevits.data_config``: the preprocessing of the
+weights a run starts from, else the official evaluation's); the evaluation transform is
 ``edgevits.checkpoint.preprocess.EvalTransform``.
 
-Every random choice of the training transform comes from a numpy generator seeded with (seed, epoch, position in
-the epoch), so the images a step sees do not depend on the number of loader processes, and a resumed run sees the
-same images as an uninterrupted one. Images that cannot be decoded are skipped with a warning and counted.
+Every random choice of the training transform is seeded with (seed, epoch, position in the epoch), so the images a
+step sees do not depend on the number of loader processes, and a resumed run sees the same images as an
+uninterrupted one. Images that cannot be decoded are skipped with a warning and counted.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
-from ..checkpoint.preprocess import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, random_resized_crop, to_tensor
+from ..checkpoint.preprocess import IMG_EXTENSIONS
 from ..errors import DataError
+from .augment import RandAugment, TrainTransform, item_seed
 
-_FILL = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+__all__ = ["EpochSampler", "ImageFolderDataset", "Mixer", "RandAugment", "TrainTransform", "check_classes",
+           "class_list", "collate_skipping", "load_image", "one_hot_smooth", "scan_image_folder"]
 
 
 # ---- folder layout -------------------------------------------------------------------------------------------------
@@ -93,136 +94,6 @@ def load_image(path: str) -> Image.Image | None:
         return None
 
 
-# ---- transforms ----------------------------------------------------------------------------------------------------
-
-def _signed(v: float, rng: np.random.Generator) -> float:
-    return -v if rng.random() < 0.5 else v
-
-
-def _affine(img, matrix):
-    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=_FILL)
-
-
-# Each op takes (image, level in [0, 1], rng). Levels grow the distortion ("increasing" variants of RandAugment).
-_RAND_OPS = {
-    "AutoContrast": lambda img, v, rng: ImageOps.autocontrast(img),
-    "Equalize": lambda img, v, rng: ImageOps.equalize(img),
-    "Invert": lambda img, v, rng: ImageOps.invert(img),
-    "Rotate": lambda img, v, rng: img.rotate(_signed(30 * v, rng), resample=Image.BICUBIC, fillcolor=_FILL),
-    "Posterize": lambda img, v, rng: ImageOps.posterize(img, max(1, 4 - int(4 * v))),
-    "Solarize": lambda img, v, rng: ImageOps.solarize(img, 256 - int(256 * v)),
-    "SolarizeAdd": lambda img, v, rng: Image.eval(img, lambda p, a=int(110 * v): min(255, p + a) if p < 128 else p),
-    "Color": lambda img, v, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * v, rng)),
-    "Contrast": lambda img, v, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * v, rng)),
-    "Brightness": lambda img, v, rng: ImageEnhance.Brightness(img).enhance(1 + _signed(0.9 * v, rng)),
-    "Sharpness": lambda img, v, rng: ImageEnhance.Sharpness(img).enhance(1 + _signed(0.9 * v, rng)),
-    "ShearX": lambda img, v, rng: _affine(img, (1, _signed(0.3 * v, rng), 0, 0, 1, 0)),
-    "ShearY": lambda img, v, rng: _affine(img, (1, 0, 0, _signed(0.3 * v, rng), 1, 0)),
-    "TranslateX": lambda img, v, rng: _affine(img, (1, 0, _signed(0.45 * v, rng) * img.size[0], 0, 1, 0)),
-    "TranslateY": lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(0.45 * v, rng) * img.size[1])),
-}
-
-
-@dataclass(frozen=True)
-class RandAugment:
-    """RandAugment with the "increasing" op set: ``num_ops`` ops drawn per image, each applied with probability
-    ``prob`` at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]."""
-
-    magnitude: float = 9.0
-    num_ops: int = 2
-    magnitude_std: float = 0.5
-    prob: float = 0.5
-
-    @classmethod
-    def parse(cls, spec: str) -> "RandAugment | None":
-        """Parse a timm-style policy string such as ``rand-m9-mstd0.5-inc1``; ``none`` or ``''`` -> None."""
-        if not spec or spec.lower() == "none":
-            return None
-        parts = spec.split("-")
-        if parts[0] != "rand":
-            raise ValueError(f"unsupported augmentation policy {spec!r}: expected rand-m<M>-n<N>-mstd<S>")
-        kw = {}
-        for part in parts[1:]:
-            m = re.fullmatch(r"(mstd|inc|m|n|p)([\d.]+)", part)
-            if not m:
-                raise ValueError(f"cannot read {part!r} in augmentation policy {spec!r}")
-            key, val = m.groups()
-            if key == "m":
-                kw["magnitude"] = float(val)
-            elif key == "n":
-                kw["num_ops"] = int(val)
-            elif key == "mstd":
-                kw["magnitude_std"] = float(val)
-            elif key == "p":
-                kw["prob"] = float(val)
-            elif key == "inc" and val != "1":
-                raise ValueError("only the increasing op set (inc1) is implemented")
-        return cls(**kw)
-
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        names = list(_RAND_OPS)
-        for i in rng.choice(len(names), self.num_ops, replace=True):
-            if rng.random() > self.prob:
-                continue
-            m = self.magnitude
-            if self.magnitude_std > 0:
-                m = rng.normal(m, self.magnitude_std)
-            level = min(max(m, 0.0), 10.0) / 10.0
-            img = _RAND_OPS[names[i]](img, level, rng)
-        return img
-
-
-def color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    """Brightness, contrast and saturation factors in [1 - s, 1 + s], applied in random order."""
-    ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
-    for i in rng.permutation(3):
-        img = ops[i](img).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
-    return img
-
-
-def random_erase(x: torch.Tensor, rng: np.random.Generator, prob: float, area=(0.02, 1 / 3),
-                 log_ratio=(math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
-    """With probability ``prob`` replace a random rectangle of the normalised image (C, H, W) by N(0, 1) noise."""
-    if prob <= 0 or rng.random() >= prob:
-        return x
-    c, h, w = x.shape
-    for _ in range(10):
-        target = h * w * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < eh < h and 0 < ew < w:
-            top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-            x[:, top:top + eh, left:left + ew] = torch.from_numpy(rng.standard_normal((c, eh, ew), dtype=np.float32))
-            break
-    return x
-
-
-@dataclass(frozen=True)
-class TrainTransform:
-    """Random resized crop, flip, RandAugment (or colour jitter), normalise, random erasing; ``mean``, ``std`` and
-    the crop's ``interpolation`` from the run's ``DataConfig``."""
-
-    size: int
-    scale_min: float = 0.08
-    hflip: float = 0.5
-    randaugment: RandAugment | None = None
-    color_jitter: float = 0.0
-    reprob: float = 0.0
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bicubic"
-
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        img = random_resized_crop(img, self.size, rng, scale=(self.scale_min, 1.0), interpolation=self.interpolation)
-        if self.hflip > 0 and rng.random() < self.hflip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.randaugment is not None:
-            img = self.randaugment(img, rng)
-        elif self.color_jitter > 0:
-            img = color_jitter(img, self.color_jitter, rng)
-        return random_erase(to_tensor(img, self.mean, self.std), rng, self.reprob)
-
-
 # ---- datasets, sampler, collate ------------------------------------------------------------------------------------
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -243,8 +114,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if img is None:
             return None
         if self.train:
-            rng = np.random.default_rng([self.seed, epoch, position])
-            return self.transform(img, rng), target
+            return self.transform(img, item_seed(self.seed, epoch, position)), target
         return self.transform(img), target
 
 

@@ -34,9 +34,10 @@ from .config import TrainConfig, check_device
 from .data import (EpochSampler, ImageFolderDataset, Mixer, RandAugment, TrainTransform, check_classes,
                    collate_skipping, scan_image_folder)
 from .distributed import Runtime, all_reduce, any_process, gather_rng, set_rng_state, setup_runtime
-from .evaluate import default_workers, evaluate, val_loader
+from .evaluate import default_workers, eval_loader, evaluate, recalibrate_batchnorm, val_loader
 from .files import check_output, load_state, read_metrics, remove_leftovers, resume_path, write_metrics
 from .optim import Schedule, clip_gradients, param_groups, resolve
+from .recipe import settle
 from .ema import ModelEma
 from .losses import DistillationLoss
 
@@ -93,6 +94,9 @@ def build_student(cfg: TrainConfig, num_classes: int, log: Log | None = None,
     if missing or report["unexpected"]:
         raise CheckpointError(f"{cfg.checkpoint or cfg.pretrained} does not fit {cfg.model}: missing "
                               f"{missing[:10]}, unexpected {report['unexpected'][:10]}")
+    if report["resized"]:
+        log(f"{len(report['resized'])} attention-bias table(s) resized to --img-size {cfg.img_size} (the checkpoint "
+            f"was trained at another resolution), e.g. {report['resized'][0]}")
     head_missing = any(k.startswith("head.") for k in report["missing"])
     if model.head_dist is not None and any(k.startswith("head_dist.") for k in report["missing"]) \
             and not head_missing:
@@ -179,7 +183,9 @@ class _Run:
     mixer: Mixer
     forward_model: nn.Module | None = None
     state: dict | None = None  # the training state to resume from
+    bnloader: object = None  # training images for recomputing BatchNorm statistics (--bn-images)
     start_epoch: int = 0
+    epoch: int = 0  # the epoch being trained
     best_top1: float = -1.0
     best_epoch: int = 0
     rows: list[dict] = field(default_factory=list)
@@ -193,14 +199,21 @@ class _Run:
         return len(self.tloader)
 
 
-def _loaders(cfg: TrainConfig, rt: Runtime):
-    """``(classes, train dataset size, sampler, train loader, val loader)`` for ``cfg.data``."""
+def _scan(cfg: TrainConfig) -> tuple[list, list[str]]:
+    """The training split's ``(samples, classes)`` (``DataError`` when ``--data`` lacks train/ or val/)."""
     root = Path(cfg.data)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"{root / split} is missing: --data needs train/ and val/ folders, each with a "
                             "folder of images per class")
-    train_samples, classes = scan_image_folder(root / "train")
+    return scan_image_folder(root / "train")
+
+
+def _loaders(cfg: TrainConfig, rt: Runtime, train_samples: list, classes: list[str]):
+    """``(train dataset size, sampler, train loader, val loader, BatchNorm loader)`` for ``cfg.data`` (recipe
+    settled); the last is None without ``--bn-images``, else ``--bn-images`` training images drawn once with the
+    run's seed, preprocessed as for evaluation."""
+    root = Path(cfg.data)
     workers = default_workers(rt.world_size) if cfg.workers < 0 else cfg.workers
     preprocess = cfg.data_config()
     vloader, _ = val_loader(root / "val", classes, preprocess, cfg.batch_size, workers, rt)
@@ -214,7 +227,11 @@ def _loaders(cfg: TrainConfig, rt: Runtime):
                                           num_workers=workers, collate_fn=collate_skipping,
                                           drop_last=len(sampler) > cfg.batch_size, persistent_workers=workers > 0,
                                           pin_memory=rt.device.type == "cuda", generator=torch.Generator())
-    return classes, len(train_ds), sampler, tloader, vloader
+    bnloader = None
+    if cfg.bn_images:
+        keep = sorted(np.random.default_rng(cfg.seed).permutation(len(train_samples))[:cfg.bn_images])
+        bnloader = eval_loader([train_samples[i] for i in keep], classes, preprocess, cfg.batch_size, workers, rt)
+    return len(train_ds), sampler, tloader, vloader, bnloader
 
 
 def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
@@ -224,7 +241,11 @@ def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
     state = load_state(cfg.resume) if cfg.resume else None
     initial = cfg.initial_weights()  # --checkpoint, or the --pretrained weights' file (downloaded once)
     weights = read_checkpoint(initial) if initial else None
-    classes, train_size, sampler, tloader, vloader = _loaders(cfg, rt)
+    train_samples, classes = _scan(cfg)
+    cfg, recipe_lines = settle(cfg, len(train_samples), rt.world_size)
+    for line in recipe_lines:
+        log(line)
+    train_size, sampler, tloader, vloader, bnloader = _loaders(cfg, rt, train_samples, classes)
     derived = resolve(cfg, rt.world_size, len(tloader))
     num_classes = len(classes)
     torch.manual_seed(cfg.seed)  # identical initialisation on every process
@@ -235,14 +256,14 @@ def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
     teacher = build_teacher(cfg, num_classes, log).to(rt.device) if cfg.teacher else None
     loss_fn = DistillationLoss(teacher, cfg.distillation, cfg.distillation_alpha, cfg.distillation_tau,
                                cfg.teacher_img_size)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=derived["lr"], eps=cfg.opt_eps,
-                            betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale), lr=derived["lr"],
+                            eps=cfg.opt_eps, betas=(0.9, 0.999))
     ema = ModelEma(model, derived["ema_decay"]) if derived["ema_decay"] > 0 else None
     schedule = Schedule(derived["lr"], derived["total_steps"], derived["warmup_epochs"] * len(tloader),
                         derived["warmup_lr"], derived["min_lr"])
     mixer = Mixer(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
     return _Run(cfg, rt, Path(cfg.output), classes, train_size, sampler, tloader, vloader, derived, model, loss_fn,
-                opt, ema, schedule, mixer, state=state)
+                opt, ema, schedule, mixer, state=state, bnloader=bnloader)
 
 
 def _restore(run: _Run, log: Log) -> None:
@@ -329,6 +350,7 @@ def _train_epoch(run: _Run, epoch: int, progress: Progress) -> dict:
     """One epoch of training steps (the batch loop wrapped by ``progress``); returns the summed statistics (over
     processes) and the last learning rate."""
     cfg, rt = run.cfg, run.rt
+    run.epoch = epoch
     run.sampler.set_epoch(epoch)
     run.forward_model.train()
     run.loss_fn.train()
@@ -360,8 +382,9 @@ def _train_epoch(run: _Run, epoch: int, progress: Progress) -> dict:
 def _step(run: _Run, x: torch.Tensor, y: torch.Tensor, lr: float, rng: np.random.Generator) -> torch.Tensor:
     """One optimisation step on the batch (x, y); returns the loss (the update is skipped if it is not finite)."""
     rt = run.rt
+    frozen = run.epoch < run.cfg.freeze_epochs  # the backbone waits while the new head learns
     for group in run.opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * (0.0 if frozen and group["backbone"] else group["lr_scale"])
     x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
     x, target = run.mixer(x, y, rng)
     if run.amp:
@@ -385,6 +408,8 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: dict) -> dict:
     EMA when there is one, and the raw weights' top-1 beside it)."""
     t1 = time.perf_counter()
     eval_model = run.ema.module if run.ema is not None else run.model
+    if run.bnloader is not None:
+        recalibrate_batchnorm(eval_model, run.bnloader, run.rt.device, run.rt)
     val = evaluate(eval_model, run.vloader, run.rt.device, run.rt, run.amp)
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_top1": val["top1"], "val_top5": val["top5"],
            "val_loss": val["loss"], "lr": stats["lr"], "weights": "ema" if run.ema is not None else "model"}
@@ -406,6 +431,8 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool) -> None:
     if not rt.main:
         return
     write_metrics(run.out / "metrics.jsonl", run.rows)
+    from .plots import plot_metrics  # (matplotlib is imported by the first save, not by importing the engine)
+    plot_metrics(run.out)  # metrics.png, redrawn every epoch: an interrupted run has it too
     weights = (run.ema.module if run.ema is not None else run.model).state_dict()
     preprocess = cfg.data_config()
     meta = {"classes": run.classes, "img_size": cfg.img_size, "crop_pct": preprocess.crop_pct,

@@ -23,12 +23,14 @@ from .files import load_state
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, rt: Runtime | None = None,
-             amp: bool = False) -> dict:
-    """Top-1 / top-5 (fractions), mean loss and image counts over ``loader`` (summed over processes)."""
+             amp: bool = False, num_classes: int | None = None) -> dict:
+    """Top-1 / top-5 (fractions), mean loss and image counts over ``loader`` (summed over processes); with
+    ``num_classes``, also ``confusion``: the ``confusion_matrix`` of the top-1 predictions (an int64 CPU tensor)."""
     rt = rt or Runtime()
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, images, skipped
+    counts = torch.zeros((num_classes or 0, num_classes or 0), dtype=torch.int64, device=device)
     for x, y, skipped in loader:
         sums[4] += skipped
         if x is None:
@@ -44,10 +46,37 @@ def evaluate(model: nn.Module, loader, device: torch.device, rt: Runtime | None 
         sums[1] += (top[:, 0] == y).sum()
         sums[2] += (top == y[:, None]).any(dim=1).sum()
         sums[3] += y.numel()
+        if num_classes:
+            counts += confusion_matrix(y, top[:, 0], num_classes)
     loss, top1, top5, images, skipped = all_reduce(sums, rt).tolist()
     model.train(was_training)
     n = max(images, 1.0)
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(images), "skipped": int(skipped)}
+    res = {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "images": int(images), "skipped": int(skipped)}
+    if num_classes:
+        res["confusion"] = all_reduce(counts, rt).cpu()
+    return res
+
+
+def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``counts[t, p]``: how many of the images of true class ``t`` were predicted as class ``p`` (rows: true
+    classes, columns: predictions; int64, ``num_classes`` x ``num_classes``)."""
+    targets, predictions = targets.long().flatten(), predictions.long().flatten()
+    if targets.shape != predictions.shape:
+        raise ValueError(f"one prediction per target expected, got {predictions.numel()} for {targets.numel()}")
+    labels = torch.cat([targets, predictions])
+    if bool(((labels < 0) | (labels >= num_classes)).any()):  # (one check: a single device sync per call)
+        raise ValueError(f"classes must lie in 0..{num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
+    flat = torch.bincount(targets * num_classes + predictions, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion, classes: list[str]) -> list[dict]:
+    """One row per class of a confusion matrix (rows: true classes): ``class``, ``images``, ``correct`` and
+    ``accuracy`` (a fraction; None for a class without images)."""
+    counts = torch.as_tensor(confusion, dtype=torch.int64)
+    images, correct = counts.sum(dim=1).tolist(), counts.diagonal().tolist()
+    return [{"class": name, "images": n, "correct": c, "accuracy": c / n if n else None}
+            for name, n, c in zip(classes, images, correct)]
 
 
 def default_workers(world_size: int) -> int:
@@ -59,16 +88,50 @@ def default_workers(world_size: int) -> int:
     return max(0, min(8, cpus // max(world_size, 1) - 1))
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, rt: Runtime | None = None) -> int:
+    """Recompute the running mean and variance of every BatchNorm layer of ``model`` as plain averages of their
+    batch statistics over ``loader`` ("precise BN"), averaged over processes; nothing else is run in training
+    mode (no dropout or drop-path draws). Early in a short run the momentum averages lag weights that move
+    quickly, and validation judges the network by them. Returns the images seen (0: nothing changed)."""
+    rt = rt or Runtime()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average of the batches' statistics
+        m.train()
+    images = 0
+    for x, _, _ in loader:
+        if x is not None and x.shape[0] >= 2:
+            model(x.to(device, non_blocking=True))
+            images += x.shape[0]
+    seen = int(all_reduce(torch.tensor([images], dtype=torch.float64, device=device), rt).item())
+    for m, (momentum, mean, var) in zip(norms, saved):
+        m.momentum = momentum
+        if not seen:  # nothing readable: keep what there was
+            m.running_mean.copy_(mean), m.running_var.copy_(var)
+        elif rt.world_size > 1:  # every process averaged its own share of the images: weigh by the shares
+            for buf in (m.running_mean, m.running_var):
+                all_reduce(buf.mul_(images), rt).div_(seen)
+    model.train(was_training)
+    return seen
+
+
 def val_loader(root, classes, preprocess: DataConfig, batch_size: int, workers: int, rt: Runtime):
     """Loader over ``root`` (ImageFolder; its classes must equal ``classes`` when given), preprocessed as
     ``preprocess`` says (``EvalTransform``); each process takes every ``world_size``-th image, so the summed counts
     cover every image exactly once. Returns it and the classes."""
     samples, found = scan_image_folder(root, classes)
-    return _loader(samples, found, preprocess, batch_size, workers, rt), found
+    return eval_loader(samples, found, preprocess, batch_size, workers, rt), found
 
 
-def _loader(samples, classes, preprocess: DataConfig, batch_size: int, workers: int, rt: Runtime):
-    """The evaluation loader over scanned ``samples`` (see ``val_loader``)."""
+def eval_loader(samples, classes, preprocess: DataConfig, batch_size: int, workers: int, rt: Runtime):
+    """The evaluation loader over scanned ``samples`` (see ``val_loader``), each process taking its share."""
     ds = ImageFolderDataset(samples, classes, EvalTransform(preprocess), train=False)
     indices = list(range(rt.rank, len(ds), rt.world_size))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
@@ -88,7 +151,9 @@ def evaluate_checkpoint(data: str, checkpoint: str | None = None, model_name: st
     from it. Images are preprocessed as the weights were evaluated (``edgevits.data_config``: what an edgevits
     checkpoint stored, the published weights' own, else the official evaluation's), with ``img_size`` and
     ``crop_pct`` when given. ``threads``: torch CPU threads for this call (0 keeps torch's choice). Returns
-    top-1/top-5 as fractions and what was evaluated.
+    top-1/top-5 as fractions and what was evaluated, and the per-class numbers: ``classes`` (the folders' order),
+    ``confusion`` (``confusion[t][p]``: images of true class ``t`` predicted as ``p``) and ``per_class`` (see
+    ``per_class_accuracy``).
 
     Bad input fails before the model is built: settings out of range (``ConfigError``), a checkpoint that cannot
     be read safely (``CheckpointError``), class folders other than the classes the checkpoint records (published
@@ -115,13 +180,16 @@ def evaluate_checkpoint(data: str, checkpoint: str | None = None, model_name: st
         if model.num_classes != len(found):
             raise DataError(f"{what} predicts {model.num_classes} classes but {root} has {class_list(found)}: pass "
                             "a folder with one folder per class the model was trained on")
-        loader = _loader(samples, found, preprocess, batch_size, default_workers(1) if workers < 0 else workers, rt)
-        res = evaluate(model.to(rt.device), loader, rt.device, rt, amp=rt.device.type == "cuda")
+        workers = default_workers(1) if workers < 0 else workers
+        loader = eval_loader(samples, found, preprocess, batch_size, workers, rt)
+        res = evaluate(model.to(rt.device), loader, rt.device, rt, amp=rt.device.type == "cuda",
+                       num_classes=len(found))
     return {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": meta.get("pretrained"),
             "data": str(root), "img_size": size, "preprocess": preprocess.to_dict(),
             "weights": meta.get("weights", "model"), "val_top1": res["top1"], "val_top5": res["top5"],
             "val_loss": res["loss"], "images": res["images"], "skipped": res["skipped"],
-            "recorded_val_top1": meta.get("val_top1")}
+            "recorded_val_top1": meta.get("val_top1"), "classes": list(found),
+            "confusion": res["confusion"].tolist(), "per_class": per_class_accuracy(res["confusion"], found)}
 
 
 def eval_preprocess(name: str, meta: dict, size: int, crop_pct: float | None = None) -> DataConfig:

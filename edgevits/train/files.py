@@ -11,7 +11,7 @@ from ..checkpoint.io import torch_load_safely, writable_folder
 from ..errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "config.json", "last.state.pt", "last.safetensors", "last.json", "best.safetensors",
-             "best.json")
+             "best.json", "metrics.png")
 """What ``edgevits train`` writes in its output folder: a folder holding any of them holds a run."""
 
 STATE_KEYS = ("config", "model", "optimizer", "epochs_done", "best_top1", "best_epoch", "rng")

@@ -11,15 +11,26 @@ from torch import nn
 from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases, layer scales and attention-bias tables."""
-    decay, no_decay = [], []
+HEAD_PREFIXES = ("head.", "head_dist.")  # the classifier(s): what a fine-tuning run learns at the full rate
+
+
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float | None = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, layer scales and attention-bias tables; the backbone's
+    learning rate is ``backbone_lr_scale`` x the schedule's, the classifier's the schedule's (each group carries its
+    ``lr_scale`` and whether it is ``backbone``; groups without parameters are left out)."""
+    scale = 1.0 if backbone_lr_scale is None else backbone_lr_scale
+    groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith(".bias") or "attention_bias" in name or "layer_scale" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        backbone = not name.startswith(HEAD_PREFIXES)
+        key = (backbone, skip)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if skip else weight_decay, "backbone": backbone,
+                           "lr_scale": scale if backbone else 1.0}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
 
 
 def _unitwise_norm(t: torch.Tensor) -> torch.Tensor:

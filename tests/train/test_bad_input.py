@@ -143,7 +143,7 @@ def test_flags_not_given_keep_a_resumed_runs_settings_and_every_option_has_help(
     args = parser.parse_args(["--epochs", "7", "--no-amp"])
     cfg = config_from_args(args, {"data": "d", "model": "swiftformer_xs", "img_size": 64, "epochs": 3,
                                   "amp": True, "lr": 0.5})
-    assert (cfg.epochs, cfg.amp, cfg.img_size, cfg.lr, cfg.batch_size) == (7, False, 64, 0.5, 128)
+    assert (cfg.epochs, cfg.amp, cfg.img_size, cfg.lr, cfg.batch_size) == (7, False, 64, 0.5, None)  # recipe
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for command in ("train", "eval", "data"):
         for action in sub.choices[command]._actions:

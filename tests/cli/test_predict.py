@@ -47,7 +47,7 @@ def _json_lines(text: str) -> list[dict]:
 def test_predict_names_the_trained_classes_and_skips_an_undecodable_file(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data")
     run = tmp_path / "run"
-    train(TrainConfig(data=str(data), model="swiftformer_xs", img_size=32, epochs=10, batch_size=8, lr=3e-3,
+    train(TrainConfig(data=str(data), model="swiftformer_xs", img_size=32, epochs=6, batch_size=8, lr=3e-3,
                       output=str(run), workers=0, progress=False, warmup_epochs=0, randaugment="none", mixup=0.0,
                       cutmix=0.0, reprob=0.0, hflip=0.0, scale_min=0.5, ema_decay=0.0, color_jitter=0.0,
                       clip_grad=None, smoothing=0.0, weight_decay=0.0))

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 import albumentations as A
+from albumentations.core.composition import BaseCompose
 import cv2
 import numpy as np
 import torch
@@ -26,7 +27,10 @@ from PIL import Image
 
 from ..checkpoint.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
+                  "lanczos": cv2.INTER_LANCZOS4, "box": cv2.INTER_AREA, "hamming": cv2.INTER_LINEAR}
+"""OpenCV's kernel for each of ``preprocess.INTERPOLATIONS`` (OpenCV has no Hamming window: bilinear; its area
+averaging stands for PIL's box filter)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ class TrainTransform:
         self.size, self.reprob, self.mean = size, reprob, tuple(mean)
         fill = tuple(int(round(255 * m)) for m in self.mean)
         steps = [A.RandomResizedCrop((size, size), scale=(scale_min, 1.0),
-                                     interpolation=_INTERPOLATION.get(interpolation, cv2.INTER_CUBIC))]
+                                     interpolation=_INTERPOLATION[interpolation])]
         if hflip > 0:
             steps.append(A.HorizontalFlip(p=hflip))
         if randaugment is not None:
@@ -108,13 +112,26 @@ class TrainTransform:
             steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
                                        hue=0, p=1.0))
         steps.append(A.Normalize(mean=self.mean, std=tuple(std), max_pixel_value=255.0))
+        self.steps = steps
         self.pipeline = A.Compose(steps, seed=0)
 
     def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
-        self.pipeline.set_random_seed(seed)
+        own = np.random.SeedSequence(seed).spawn(len(self.steps) + 1)
+        self.pipeline.set_random_seed(seed)  # (it hands every step the same seed: their draws would be tied)
+        for step, child in zip(self.steps, own):
+            _seed_tree(step, child)
         x = self.pipeline(image=np.asarray(img.convert("RGB")))["image"]  # (H, W, C) float32, normalised
         out = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-        return _erase(out, np.random.default_rng(seed), self.reprob)
+        return _erase(out, np.random.default_rng(own[-1]), self.reprob)
+
+
+def _seed_tree(transform, seq: np.random.SeedSequence) -> None:
+    """Seed ``transform`` and, for a container (RandAugment's ``SomeOf``), each of its ops from its own child of
+    ``seq``, so that no two random choices of an image share a stream."""
+    transform.set_random_seed(int(seq.generate_state(1)[0]))
+    children = transform.transforms if isinstance(transform, BaseCompose) else []
+    for child, child_seq in zip(children, seq.spawn(len(children))):
+        _seed_tree(child, child_seq)
 
 
 def _erase(x: torch.Tensor, rng: np.random.Generator, prob: float, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),

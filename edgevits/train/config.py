@@ -64,7 +64,7 @@ class TrainConfig:
         "1 (a tenth lost 15-35 points fine-tuning MNIST-5k models on rotated digits)"))
     freeze_epochs: int = field(default=0, metadata=_help(
         "epochs at the start during which only the classifier learns (the backbone's learning rate is 0; its "
-        "BatchNorm statistics still adapt)"))
+        "BatchNorm statistics still adapt); --epochs or more trains the classifier alone (a linear probe)"))
     min_lr: float = field(default=1e-5, metadata=_help(
         "learning rate at the end of the cosine schedule; when it is not below the peak (e.g. the scaled peak at "
         "a global batch of 10 or less) the cosine ends at a hundredth of the peak instead, so it never rises"))
@@ -408,6 +408,8 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Trai
     given.)"""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in (base or {}).items() if k in names}
+    if base is not None and "recipe" not in base:  # saved before --recipe: it ran the papers' recipe throughout
+        values.update(recipe="paper", bn_images=0, backbone_lr_scale=1.0)
     given = getattr(args, GIVEN, None)
     for name in names:
         v = getattr(args, name, None)

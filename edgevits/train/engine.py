@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import atomic_write, config_hints, read_checkpoint, save_checkpoint
-from ..errors import DataError
+from ..errors import DataError, EdgevitsWarning
 from ..registry import create_model, get_entry
 from ..runtime.settings import num_threads
 from .config import TrainConfig, check_device
@@ -256,14 +257,25 @@ def _build_run(cfg: TrainConfig, rt: Runtime, log: Log) -> _Run:
     teacher = build_teacher(cfg, num_classes, log).to(rt.device) if cfg.teacher else None
     loss_fn = DistillationLoss(teacher, cfg.distillation, cfg.distillation_alpha, cfg.distillation_tau,
                                cfg.teacher_img_size)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale), lr=derived["lr"],
-                            eps=cfg.opt_eps, betas=(0.9, 0.999))
+    opt = _optimizer(model, cfg, derived["lr"], split_head=not _legacy_groups(state))
     ema = ModelEma(model, derived["ema_decay"]) if derived["ema_decay"] > 0 else None
     schedule = Schedule(derived["lr"], derived["total_steps"], derived["warmup_epochs"] * len(tloader),
                         derived["warmup_lr"], derived["min_lr"])
     mixer = Mixer(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
     return _Run(cfg, rt, Path(cfg.output), classes, train_size, sampler, tloader, vloader, derived, model, loss_fn,
                 opt, ema, schedule, mixer, state=state, bnloader=bnloader)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float, split_head: bool = True) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups`` (the schedule sets each group's rate every step)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale, split_head), lr=lr,
+                             eps=cfg.opt_eps, betas=(0.9, 0.999))
+
+
+def _legacy_groups(state: dict | None) -> bool:
+    """Whether a training state holds the two optimiser groups of edgevits before fine-tuning's head group."""
+    return state is not None and len(state.get("optimizer", {}).get("param_groups", [])) == 2 \
+        and not any("lr_scale" in g for g in state["optimizer"]["param_groups"])
 
 
 def _restore(run: _Run, log: Log) -> None:
@@ -307,7 +319,10 @@ def _load_state_dicts(run: _Run, state: dict) -> None:
                   f"the training state {run.cfg.resume!r}")
     try:
         run.model.load_state_dict(state["model"])
+        ours = [{k: g[k] for k in ("lr_scale", "backbone")} for g in run.opt.param_groups]
         run.opt.load_state_dict(state["optimizer"])
+        for group, own in zip(run.opt.param_groups, ours):  # this run's settings, not the saved ones
+            group.update(own)
         if run.ema is not None and state.get("ema") is not None:
             run.ema.load_state(state["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -413,7 +428,9 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: dict) -> dict:
     val = evaluate(eval_model, run.vloader, run.rt.device, run.rt, run.amp)
     row = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "val_top1": val["top1"], "val_top5": val["top5"],
            "val_loss": val["loss"], "lr": stats["lr"], "weights": "ema" if run.ema is not None else "model"}
-    if run.ema is not None:
+    if run.ema is not None:  # the raw weights, judged the same way
+        if run.bnloader is not None:
+            recalibrate_batchnorm(run.model, run.bnloader, run.rt.device, run.rt)
         row["val_top1_raw"] = evaluate(run.model, run.vloader, run.rt.device, run.rt, run.amp)["top1"]
     row.update({"train_images": stats["train_images"], "skipped_train_images": stats["skipped_train_images"],
                 "skipped_steps": stats["skipped_steps"], "val_images": val["images"],
@@ -431,8 +448,6 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool) -> None:
     if not rt.main:
         return
     write_metrics(run.out / "metrics.jsonl", run.rows)
-    from .plots import plot_metrics  # (matplotlib is imported by the first save, not by importing the engine)
-    plot_metrics(run.out)  # metrics.png, redrawn every epoch: an interrupted run has it too
     weights = (run.ema.module if run.ema is not None else run.model).state_dict()
     preprocess = cfg.data_config()
     meta = {"classes": run.classes, "img_size": cfg.img_size, "crop_pct": preprocess.crop_pct,
@@ -445,3 +460,8 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool) -> None:
              "best_epoch": run.best_epoch, "rng": rng, "config": cfg.to_dict(), "classes": run.classes}
     atomic_write(run.out / "last.state.pt", lambda tmp: torch.save(state, tmp))
     save_checkpoint(run.model, run.out / "last.safetensors", extra=meta, state_dict=weights)
+    from .plots import plot_metrics  # (matplotlib is imported by the first save, not by importing the engine)
+    try:  # metrics.png, redrawn every epoch (an interrupted run has it too), after what a resume needs
+        plot_metrics(run.out)
+    except (OSError, ValueError, RuntimeError) as e:
+        warnings.warn(EdgevitsWarning(f"metrics.png not drawn: {e}"), stacklevel=2)

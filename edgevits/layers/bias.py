@@ -146,3 +146,47 @@ def adapt_bias_tables(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
         state_dict[key] = resize_table(value.float(), (side, side), module.table_size).to(value.dtype)
         resized.append(key)
     return resized
+
+
+class RelPosBiasFrozen(nn.Module):
+    """Graph form of a bias table (``freeze_bias_tables``): the bias of each (query grid, key grid, stride) that one
+    forward pass at the export size asked for, as constant buffers. An exported graph then holds the gathered
+    tables as constants instead of the index arithmetic (arange, abs, gather) that mobile delegates leave to slow
+    fallback kernels. Another grid raises ``InputError``: the graph is built for one input size."""
+
+    def __init__(self, src: RelPosBias, keys: list[tuple[Size, Size, int]]):
+        super().__init__()
+        self.num_heads = src.num_heads
+        self._names = {}
+        with torch.no_grad():
+            for i, key in enumerate(dict.fromkeys(keys)):
+                self.register_buffer(f"bias{i}", gather_bias(src.attention_biases.detach(), src.table_size, *key))
+                self._names[key] = f"bias{i}"
+
+    def forward(self, q_size: Size, k_size: Size, stride: int = 1) -> torch.Tensor:
+        name = self._names.get((tuple(q_size), tuple(k_size), stride))
+        if name is None:
+            from ..errors import InputError
+            raise InputError(f"this graph form holds attention biases for {sorted(self._names)} (query grid, key "
+                             f"grid, stride), not for {(tuple(q_size), tuple(k_size), stride)}: build it at the "
+                             "input size it will run at")
+        return getattr(self, name)
+
+
+@torch.no_grad()
+def freeze_bias_tables(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Replace (in place) every ``RelPosBias`` of ``model`` by a ``RelPosBiasFrozen`` holding the biases one
+    forward pass on ``example`` uses; returns ``model``."""
+    calls: dict[nn.Module, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.setdefault(mod, []).append(
+        (tuple(args[0]), tuple(args[1]), args[2] if len(args) > 2 else 1)))
+        for m in model.modules() if isinstance(m, RelPosBias)]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RelPosBias):
+            model.set_submodule(name, RelPosBiasFrozen(module, calls.get(module, [])))
+    return model

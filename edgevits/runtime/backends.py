@@ -1,5 +1,6 @@
 """Runners: the same model behind one call signature on each inference backend (PyTorch eager, channels-last,
-torch.compile, ONNX Runtime, OpenVINO). Used by the benchmark and by ``edgevits.deploy``."""
+torch.compile, ONNX Runtime, OpenVINO, ExecuTorch-XNNPACK, LiteRT-XNNPACK). Used by the benchmark and by
+``edgevits.deploy``."""
 from __future__ import annotations
 
 import tempfile
@@ -10,11 +11,14 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable
-from .export import GRAPH_FORMS, export_onnx, graph_form, onnx_session, openvino_compiled, quiet
+from ..checkpoint.io import atomic_write, cache_dir
+from .export import GRAPH_FORMS, export_onnx, graph_form, graph_key, onnx_session, openvino_compiled, quiet
 from .settings import compile_settings
 
-BACKENDS = ("eager", "eager_cl", "compile", "onnxruntime", "openvino")
-GRAPH_BACKENDS = ("onnxruntime", "openvino")  # run an exported graph: CPU float32 models only
+BACKENDS = ("eager", "eager_cl", "compile", "onnxruntime", "openvino", "executorch", "litert")
+GRAPH_BACKENDS = ("onnxruntime", "openvino", "executorch", "litert")  # run an exported graph: CPU float32 only
+FIXED_BATCH_BACKENDS = ("executorch", "litert")  # their graphs take the example's batch size only
+BACKEND_FORMAT = {"onnxruntime": "onnx", "openvino": "openvino", "executorch": "executorch", "litert": "litert"}
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -85,17 +89,55 @@ def _openvino(model: nn.Module, example: torch.Tensor, threads: int | None, work
     return run
 
 
+def _mobile(model: nn.Module, backend: str, example: torch.Tensor, threads: int | None, workdir: Path, fuse: bool,
+            cache: bool) -> Runner:
+    """ExecuTorch or LiteRT: ``model`` converted at ``example``'s shape and run by that runtime. Their graphs have
+    a fixed batch: a call with another batch size converts once more for it (10-60 s, then kept), which the
+    runner's ``fixed_batch`` (the batch converted up front) lets a caller avoid."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import mobile
+    mobile.require("executorch.exir" if backend == "executorch" else "litert_torch", backend)
+    graph = graph_form(model, GRAPH_FORMS[backend], example) if fuse else model.eval()
+    suffix = ".pte" if backend == "executorch" else ".tflite"
+    try:
+        versions = [version(p) for p in ("executorch", "litert-torch", "ai-edge-litert")]
+    except PackageNotFoundError:
+        versions = []
+    runs: dict[int, Runner] = {}
+
+    def convert(batch: int) -> Runner:
+        shaped = torch.randn(batch, *example.shape[1:])
+        path = cache_dir("graphs") / f"{graph_key(graph, backend, tuple(shaped.shape), versions)}{suffix}" \
+            if cache else workdir / f"model-batch{batch}{suffix}"
+        if not (cache and path.is_file()):
+            write = (lambda tmp: Path(tmp).write_bytes(mobile.executorch_bytes(graph, shaped))) \
+                if backend == "executorch" else (lambda tmp: mobile.litert_write(graph, shaped, Path(tmp)))
+            atomic_write(path, write)
+        return (mobile.executorch_runner if backend == "executorch" else mobile.litert_runner)(path, threads)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] not in runs:
+            runs[x.shape[0]] = convert(x.shape[0])
+        return _from_numpy(runs[x.shape[0]](x).numpy(), x)
+    runs[example.shape[0]] = convert(example.shape[0])
+    run.fixed_batch = example.shape[0]
+    return run
+
+
 def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: int | None = None,
                 workdir: str | Path | None = None, fuse: bool = True, cache: bool = False) -> Runner:
     """A callable ``x -> logits`` for ``model`` on ``backend``.
 
     ``model`` should already be in its deploy form (``fuse_model``) for the PyTorch backends. The graph backends
     export an edgevits model (``fuse`` true) in the form their runtime runs fastest (``export.GRAPH_FORMS``: ONNX
-    Runtime the deploy form, fusing ``model`` if needed; OpenVINO the eval form, so pass the unfused model to get
-    it) and a foreign one (``fuse=False``, e.g. timm's) as it is. ``example`` fixes device, dtype
-    and image size (ONNX/OpenVINO graphs keep a dynamic batch axis); ONNX Runtime and OpenVINO take CPU float32
-    models only, and their runners convert any input to CPU float32 and return logits on the input's device and in
-    its dtype; ``cache`` keeps and reuses their exported graphs (``export_onnx``). Raises ``BackendUnavailable``.
+    Runtime the deploy form, fusing ``model`` if needed; OpenVINO the eval form, ExecuTorch and LiteRT the graph
+    form, so pass the unfused model to get those) and a foreign one (``fuse=False``, e.g. timm's) as it is.
+    ``example`` fixes device, dtype and image size (ONNX/OpenVINO graphs keep a dynamic batch axis; ExecuTorch and
+    LiteRT graphs take ``example``'s batch only: their runners carry ``fixed_batch``); the graph backends take CPU
+    float32 models only, and their runners convert any input to CPU float32 and return logits on the input's
+    device and in its dtype; ``cache`` keeps and reuses their exported graphs in edgevits' cache. Raises
+    ``BackendUnavailable``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -113,4 +155,6 @@ def make_runner(model: nn.Module, backend: str, example: torch.Tensor, threads: 
     workdir.mkdir(parents=True, exist_ok=True)
     if backend == "onnxruntime":
         return _onnxruntime(model, example, threads, workdir, fuse, cache)
-    return _openvino(model, example, threads, workdir, fuse, cache)
+    if backend == "openvino":
+        return _openvino(model, example, threads, workdir, fuse, cache)
+    return _mobile(model, backend, example, threads, workdir, fuse, cache)

@@ -16,18 +16,18 @@ from torch import nn
 from ..errors import BackendUnavailable, ConfigError
 from ..fuse import fuse_model
 from ..layers import to_2tuple
-from .backends import BACKENDS, GRAPH_BACKENDS, make_runner
+from .backends import BACKEND_FORMAT, BACKENDS, FIXED_BATCH_BACKENDS, GRAPH_BACKENDS, make_runner
 from .export import GRAPH_FORMS
 from .parity import check_parity
 from .timing import describe_error, time_interleaved
 
-AUTO_CANDIDATES = ("eager", "eager_cl", "onnxruntime", "openvino")
-_FORMAT = {"onnxruntime": "onnx", "openvino": "openvino"}  # the export format each graph backend runs
+AUTO_CANDIDATES = ("eager", "eager_cl", "onnxruntime", "openvino", "executorch", "litert")
 
 
 class Deployed:
     """A callable ``x -> logits`` running ``backend``; inputs of another image size than the one it was built
-    for run on the PyTorch deploy form (exported graphs fix the image size, not the batch)."""
+    for run on the PyTorch deploy form (exported graphs fix the image size; ExecuTorch and LiteRT graphs the batch
+    size too: another batch runs on the deploy form as well)."""
 
     def __init__(self, runner, backend: str, fallback: nn.Module, img_size: tuple[int, int], timings: dict,
                  errors: dict, workdir: str | None):
@@ -43,7 +43,8 @@ class Deployed:
         check = getattr(self.model, "check_input", None)
         if check is not None:  # the model's own input errors, whatever the backend
             check(x)
-        if tuple(x.shape[-2:]) != self.img_size:
+        fixed = getattr(self._runner, "fixed_batch", None)
+        if tuple(x.shape[-2:]) != self.img_size or (fixed is not None and x.shape[0] != fixed):
             with torch.inference_mode():
                 return self.model(x)
         return self._runner(x)
@@ -85,12 +86,13 @@ def _verified_runners(model: nn.Module, deployed: nn.Module, names, checks: list
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if name in GRAPH_BACKENDS:  # the formulation each runtime runs fastest, exported as it is
-                    source = deployed if GRAPH_FORMS[_FORMAT[name]] == "deploy" else model
-                    runner = make_runner(source, name, checks[0], threads, workdir / name, fuse=False, cache=cache)
+                if name in GRAPH_BACKENDS:  # the formulation each runtime runs fastest (made by make_runner)
+                    source = deployed if GRAPH_FORMS[BACKEND_FORMAT[name]] == "deploy" else model
+                    runner = make_runner(source, name, checks[0], threads, workdir / name, cache=cache)
                 else:  # a copy: eager_cl changes its model's memory format
                     runner = make_runner(fuse_model(deployed), name, checks[0], threads, workdir / name)
-                check_parity(runner, lambda c: refs[c.shape[0]], checks, atol, "output", _Rejected)
+                ok = checks[:1] if name in FIXED_BATCH_BACKENDS else checks  # (those take the timed batch only)
+                check_parity(runner, lambda c: refs[c.shape[0]], ok, atol, "output", _Rejected)
             runners[name] = runner
         except (BackendUnavailable, _Rejected) as e:
             errors[name] = str(e)
@@ -106,11 +108,13 @@ def deploy(model: nn.Module, backend: str = "auto", img_size: int | tuple[int, i
     """Return a callable running ``model`` on the fastest backend verified on this machine.
 
     With ``backend="auto"`` every candidate that can run here is built, checked against the PyTorch deploy form on
-    random batches of two sizes (``batch_size`` and 2, or 1 when that is 2) on the model's device and in its dtype
-    (relative error <= ``atol``, default ``PARITY_ATOL`` for the dtype, else rejected), and timed at
-    ``batch_size`` (interleaved); the fastest wins. The PyTorch candidates run the deploy form; ONNX Runtime and
-    OpenVINO the graph form each runs fastest (``export.GRAPH_FORMS``), for CPU float32 models only (rejected with
-    that reason otherwise). A named backend is built and checked the same way (an error if it fails the check).
+    random batches of two sizes (``batch_size`` and 2, or 1 when that is 2; ExecuTorch and LiteRT, whose graphs
+    have a fixed batch, at ``batch_size`` only) on the model's device and in its dtype (relative error <=
+    ``atol``, default ``PARITY_ATOL`` for the dtype, else rejected), and timed at ``batch_size`` (interleaved); the
+    fastest wins. The PyTorch candidates run the deploy form; the graph runtimes the form each runs fastest
+    (``export.GRAPH_FORMS``), for CPU float32 models only (rejected with that reason otherwise); a runtime whose
+    package is not installed is rejected with the extra to install. A named backend is built and checked the same
+    way (an error if it fails the check).
     Why each candidate was not used is kept in ``Deployed.rejected``. Without ``workdir`` the exported graphs go to
     a temporary folder, of which only the chosen graph backend's files are kept (``Deployed.workdir``; None when a
     PyTorch backend wins). ``progress(done, total, label)`` is called as each candidate is built and before the

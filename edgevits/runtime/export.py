@@ -3,6 +3,7 @@ parity check against PyTorch that fails loudly."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import io
@@ -23,9 +24,6 @@ from ..layers import to_2tuple
 from .parity import check_parity
 from .timing import describe_error
 
-FORMATS = ("onnx", "openvino")
-
-
 @contextlib.contextmanager
 def quiet():
     """The exporters print progress lines and warnings on every call; keep them out of the user's output."""
@@ -37,6 +35,17 @@ def quiet():
             yield
         finally:
             logging.getLogger("torch.onnx").setLevel(previous)
+
+
+def example_input(model: nn.Module, img_size: int | tuple[int, int] | None = None, batch: int = 1) -> torch.Tensor:
+    """A random input for ``model`` at ``img_size`` (default: its config's), after the model's own size check (a
+    size it cannot take is its one-line error, not an exporter's)."""
+    config = getattr(model, "config", None)
+    h, w = to_2tuple(img_size or getattr(config, "img_size", 224))
+    example = torch.randn(batch, getattr(config, "in_chans", 3), h, w)
+    if callable(getattr(model, "check_input", None)):
+        model.check_input(example)
+    return example
 
 
 def _deploy_form(model: nn.Module) -> nn.Module:
@@ -60,12 +69,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     path = writable_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     deployed = _deploy_form(model) if fuse else model.eval()
-    config = getattr(model, "config", None)
-    h, w = to_2tuple(img_size or getattr(config, "img_size", 224))
-    in_chans = getattr(config, "in_chans", 3)
-    example = torch.randn(2, in_chans, h, w)
-    if callable(getattr(deployed, "check_input", None)):
-        deployed.check_input(example)  # a size the model cannot take: its own one-line error, not the exporter's
+    example = example_input(deployed, img_size, 2)
+    in_chans, h, w = example.shape[1:]
     cached = cache_dir("graphs") / f"{graph_key(deployed, h, w, in_chans, opset, optimize)}.onnx" if cache else None
     if cached is not None and cached.is_file():
         shutil.copyfile(cached, path)
@@ -167,16 +172,37 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, chw: tuple[int, int, i
 # BatchNorms and fuses convolutions itself and runs the plain eval-form graph 7-20% faster than our deploy form,
 # whose channels-last GEMM reformulations (written for PyTorch eager) export as transposes and matmuls. On ONNX
 # Runtime the deploy form wins where it batches work (EfficientViT's head projections: 6.1 vs 7.9 ms for M0) and
-# loses 4-9% elsewhere.
-GRAPH_FORMS = {"onnx": "deploy", "openvino": "eval"}
+# loses 4-9% elsewhere. The mobile runtimes take the graph form: the deploy form's custom kernels do not lower to
+# their delegates, and the eval form's bias-table arithmetic falls off them.
+GRAPH_FORMS = {"onnx": "deploy", "openvino": "eval", "executorch": "graph", "litert": "graph", "coreml": "graph"}
+FORM_NAMES = ("deploy", "eval", "graph")
 
 
-def graph_form(model: nn.Module, form: str) -> nn.Module:
-    """``model`` as the graph to export: ``"deploy"`` its deploy form (``fuse_model``), ``"eval"`` the model itself in
-    eval mode (a deploy-form model stays as it is: its eval form is gone)."""
-    if form not in ("deploy", "eval"):
-        raise ValueError(f"form must be 'deploy' or 'eval', got {form!r}")
-    return _deploy_form(model) if form == "deploy" else model.eval()
+def graph_form(model: nn.Module, form: str, example: torch.Tensor | None = None) -> nn.Module:
+    """``model`` as the graph to export.
+
+    ``"deploy"``: its deploy form (``fuse_model``); ``"eval"``: the model itself in eval mode; ``"graph"``: a copy
+    of the eval form written for graph runtimes: every attention-bias table gathered into constants for the input
+    size of ``example`` (``layers.bias.freeze_bias_tables``; the graph then runs at that size only) and attention
+    as plain matmul-softmax-matmul. A deploy-form model is returned as it is whatever the form (its eval form is
+    gone)."""
+    if form not in FORM_NAMES:
+        raise ValueError(f"form must be one of {', '.join(FORM_NAMES)}, got {form!r}")
+    if getattr(model, "is_deploy_form", False):
+        return model
+    if form == "deploy":
+        return fuse_model(model)
+    if form == "eval":
+        return model.eval()
+    if example is None:
+        raise ValueError("the graph form needs an example input: it is built for one input size")
+    from ..layers.attention.mhsa import MHSA
+    from ..layers.bias import freeze_bias_tables
+    graph = copy.deepcopy(model).eval()
+    for module in graph.modules():
+        if isinstance(module, MHSA):
+            module.use_sdpa = False
+    return freeze_bias_tables(graph, example[:1])
 
 
 def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
@@ -189,7 +215,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
     except ImportError as e:
         raise ExportError("OpenVINO is not installed: pip install 'edgevits[openvino]'") from e
     path = writable_file(Path(path).with_suffix(".xml"))
-    deployed = graph_form(model, form)
+    deployed = graph_form(model, form, example_input(model, img_size))
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(deployed, Path(tmp) / "model.onnx", img_size, check=False, fuse=False)
         ov_model = ov.convert_model(str(onnx_path))
@@ -212,12 +238,21 @@ def openvino_compiled(path: str | os.PathLike, threads: int | None = None):
     return ov.Core().compile_model(str(path), "CPU", config)
 
 
+FORMATS = ("onnx", "openvino", "executorch", "litert", "coreml")
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "litert": ".tflite", "coreml": ".mlpackage"}
+
+
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", form: str | None = None,
            **kwargs) -> Path:
-    """Export in ``format`` ("onnx" or "openvino") the graph ``form`` ("deploy" or "eval"; by default the one that
-    runtime runs fastest, ``GRAPH_FORMS``); see ``export_onnx`` / ``export_openvino``."""
+    """Export in ``format`` (``FORMATS``) the graph ``form`` ("deploy", "eval" or "graph"; by default the one that
+    runtime runs fastest, ``GRAPH_FORMS``); see ``export_onnx``, ``export_openvino`` and, in ``runtime.mobile``,
+    ``export_executorch``, ``export_litert``, ``export_coreml`` (which returns ``(path, report)``)."""
     if format == "onnx":
-        return export_onnx(graph_form(model, form or GRAPH_FORMS["onnx"]), path, fuse=False, **kwargs)
+        example = example_input(model, kwargs.get("img_size"))
+        return export_onnx(graph_form(model, form or GRAPH_FORMS["onnx"], example), path, fuse=False, **kwargs)
     if format == "openvino":
         return export_openvino(model, path, form=form or GRAPH_FORMS["openvino"], **kwargs)
+    if format in ("executorch", "litert", "coreml"):
+        from . import mobile
+        return getattr(mobile, f"export_{format}")(model, path, form=form, **kwargs)
     raise ValueError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")

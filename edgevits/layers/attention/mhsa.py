@@ -28,7 +28,13 @@ class MHSA(nn.Module):
     Cost: O(N^2 d) for the attention itself (N tokens, d = heads * (key_dim + value_dim) channels) plus
     O(N C d) for the projections; memory O(heads N^2). Quadratic in the number of tokens, which is why
     EfficientFormer only uses it at stride 32.
+
+    ``use_sdpa``: attention through ``F.scaled_dot_product_attention`` (the default, fastest in PyTorch) or as
+    plain matmul-softmax-matmul, which the graph export form uses: exported SDPA with a bias carries guard ops for
+    fully masked rows (any, where, logical_not) that mobile delegates leave to slow fallback kernels.
     """
+
+    use_sdpa = True
 
     def __init__(self, dim: int, key_dim: int = 32, num_heads: int = 8, attn_ratio: float = 4.0,
                  resolution: int | tuple[int, int] | None = None):
@@ -49,7 +55,11 @@ class MHSA(nn.Module):
         if self.rel_pos is not None:
             grid = infer_hw(n, hw)
             bias = self.rel_pos(grid, grid).to(q.dtype)  # (heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
+        if self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
+        else:
+            attn = q @ k.transpose(-2, -1) * self.scale
+            out = (attn if bias is None else attn + bias).softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
     def extra_repr(self) -> str:

@@ -50,7 +50,7 @@ def _print_result(result: dict, spec, console) -> None:
     """The table, the runners that were skipped or failed, and the geometric means against timm."""
     from rich.table import Table
 
-    from ..measure.bench import summary
+    from ..measure.bench import TIMM_PATHS, summary
     m = result["machine"]
     peak = m["peak_gflops_measured"]
     title = (f"edgevits bench: {m['device']} {m['dtype']}, {m['threads']} threads, {spec.img_size}x{spec.img_size}"
@@ -79,7 +79,7 @@ def _print_result(result: dict, spec, console) -> None:
             parts = [f"{batch}, timm/ours, geometric mean over {s['models']} models:"]
             if s["eager_timm_over_ours_geomean"]:
                 parts.append(f"eager vs eager {s['eager_timm_over_ours_geomean']:.2f}x;")
-            parts.append(f"our best path vs timm's best (eager/compile/onnxruntime) "
+            parts.append(f"our best path vs timm's best ({'/'.join(TIMM_PATHS)}) "
                          f"{s['best_timm_over_best_ours_geomean']:.2f}x;")
             parts.append(f"vs timm's best on any backend measured {s['best_any_timm_over_best_ours_geomean']:.2f}x")
             console.print(" ".join(parts))

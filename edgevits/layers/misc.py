@@ -21,6 +21,35 @@ def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(x), int(x)
 
 
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for tensors with the same leading batch dimensions, as one ``torch.bmm``: the arithmetic matmul does
+    itself, but an exported graph then holds no ``expand``, which ExecuTorch's XNNPACK delegate leaves out (each
+    one cut the graph into another partition)."""
+    *lead, n, k = a.shape
+    return torch.bmm(a.reshape(-1, n, k), b.reshape(-1, k, b.shape[-1])).view(*lead, n, b.shape[-1])
+
+
+class MatmulLayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last dimension with its two means taken as linear maps (``x @ 1/C``): the
+    graph export form's stand-in (``runtime.export.graph_form``), because ExecuTorch's XNNPACK delegate leaves
+    LayerNorm out. Shares the source's affine parameters."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        if len(norm.normalized_shape) != 1 or not norm.elementwise_affine:
+            raise ValueError("only LayerNorms over the last dimension with an affine are rewritten")
+        c = norm.normalized_shape[0]
+        self.eps, self.weight, self.bias = norm.eps, norm.weight, norm.bias
+        self.register_buffer("avg", torch.full((1, c), 1.0 / c, dtype=norm.weight.dtype, device=norm.weight.device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - F.linear(x, self.avg)
+        scale = (F.linear(centred * centred, self.avg) + self.eps).sqrt()
+        out = centred / scale * self.weight
+        return out if self.bias is None else out + self.bias
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a residual branch per sample with probability ``p`` while training.
 

@@ -258,7 +258,8 @@ def _time_batch(spec: BenchSpec, subject: _Subject, batch: int, machine: dict) -
 
 # timm's own ways to run a model: eager, compiled, exported to ONNX Runtime. OpenVINO is ours to offer; it is
 # reported for timm too when asked, but "vs timm's best" means the best of these.
-TIMM_PATHS = ("eager", "compile", "onnxruntime")
+# What a timm user runs today: PyTorch eager or compiled, or the model exported to ONNX (ONNX Runtime, OpenVINO).
+TIMM_PATHS = ("eager", "compile", "onnxruntime", "openvino")
 
 
 def _add_ratios(records: list[dict], name: str, batch: int) -> None:

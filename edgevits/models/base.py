@@ -149,7 +149,7 @@ class ClassifierModel(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=(2, 3), keepdim=True).flatten(1)  # keepdim: the form XNNPACK's delegate takes
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Pool the features and classify. Training with a distillation head returns ``(cls, dist)`` logits."""

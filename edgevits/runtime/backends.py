@@ -97,8 +97,8 @@ def _mobile(model: nn.Module, backend: str, example: torch.Tensor, threads: int 
     from importlib.metadata import PackageNotFoundError, version
 
     from . import mobile
-    mobile.require("executorch.exir" if backend == "executorch" else "litert_torch", backend)
-    graph = graph_form(model, GRAPH_FORMS[backend], example) if fuse else model.eval()
+    mobile.require("executorch.exir" if backend == "executorch" else "ai_edge_litert.interpreter", backend)
+    graph = graph_form(model, GRAPH_FORMS[backend], example, target=backend) if fuse else model.eval()
     suffix = ".pte" if backend == "executorch" else ".tflite"
     try:
         versions = [version(p) for p in ("executorch", "litert-torch", "ai-edge-litert")]

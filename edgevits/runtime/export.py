@@ -178,14 +178,18 @@ GRAPH_FORMS = {"onnx": "deploy", "openvino": "eval", "executorch": "graph", "lit
 FORM_NAMES = ("deploy", "eval", "graph")
 
 
-def graph_form(model: nn.Module, form: str, example: torch.Tensor | None = None) -> nn.Module:
+def graph_form(model: nn.Module, form: str, example: torch.Tensor | None = None,
+               target: str | None = None) -> nn.Module:
     """``model`` as the graph to export.
 
     ``"deploy"``: its deploy form (``fuse_model``); ``"eval"``: the model itself in eval mode; ``"graph"``: a copy
     of the eval form written for graph runtimes: every attention-bias table gathered into constants for the input
-    size of ``example`` (``layers.bias.freeze_bias_tables``; the graph then runs at that size only) and attention
-    as plain matmul-softmax-matmul. A deploy-form model is returned as it is whatever the form (its eval form is
-    gone)."""
+    size of ``example`` (``layers.bias.freeze_bias_tables``; the graph then runs at that size only), attention
+    as plain matmul-softmax-matmul, and SwiftFormer's L2 norms and token sums as matrix products (ExecuTorch's
+    XNNPACK delegate takes those; each op it left out cut the graph into another partition). For ``target=
+    "executorch"`` LayerNorms become linear maps as well (``MatmulLayerNorm``; coremltools 9.0's linear-bias
+    fusion fails on that rewrite, and the other runtimes take LayerNorm as it is). A deploy-form model is returned
+    as it is whatever the form (its eval form is gone)."""
     if form not in FORM_NAMES:
         raise ValueError(f"form must be one of {', '.join(FORM_NAMES)}, got {form!r}")
     if getattr(model, "is_deploy_form", False):
@@ -196,12 +200,19 @@ def graph_form(model: nn.Module, form: str, example: torch.Tensor | None = None)
         return model.eval()
     if example is None:
         raise ValueError("the graph form needs an example input: it is built for one input size")
+    from ..layers.attention.additive import AdditiveAttention
     from ..layers.attention.mhsa import MHSA
     from ..layers.bias import freeze_bias_tables
+    from ..layers.misc import MatmulLayerNorm
     graph = copy.deepcopy(model).eval()
     for module in graph.modules():
         if isinstance(module, MHSA):
             module.use_sdpa = False
+        if isinstance(module, AdditiveAttention):
+            module.use_matmul_reductions()
+    for name, module in list(graph.named_modules()) if target == "executorch" else []:
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
+            graph.set_submodule(name, MatmulLayerNorm(module))
     return freeze_bias_tables(graph, example[:1])
 
 

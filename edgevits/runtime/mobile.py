@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -130,7 +131,7 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, img_size=None, 
     path = writable_file(path)
     example = example_input(model, img_size, batch_size)
     form = _lowerable_form(model, form, "executorch", "its channels-last kernels fail XNNPACK's layout pass")
-    graph = graph_form(model, form, example)
+    graph = graph_form(model, form, example, target="executorch")
     data = executorch_bytes(graph, example)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     if check:
@@ -140,12 +141,41 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, img_size=None, 
 
 # --- LiteRT -------------------------------------------------------------------------------------------------------
 
+_LITERT_PROCESS = None  # the spawned process that converts for litert_write, kept: importing litert-torch takes 10 s
+
+
 def litert_write(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Convert ``graph`` with litert-torch at ``example``'s shape (LiteRT graphs have a fixed batch) to ``path``."""
-    require("litert_torch", "litert")
-    with silenced("LiteRT conversion"):
-        import litert_torch
-        litert_torch.convert(graph, (example,)).export(str(path))
+    """Convert ``graph`` with litert-torch at ``example``'s shape (LiteRT graphs have a fixed batch) to ``path``.
+
+    The conversion runs in a child process (spawned, not forked, and kept for later conversions): litert-torch
+    brings JAX, whose thread pools make any later ``fork`` of this process (DataLoader workers, for one) unsafe,
+    and which holds about 1 GB. The graph travels as a ``torch.export`` program file."""
+    global _LITERT_PROCESS
+    if importlib.util.find_spec("litert_torch") is None:
+        raise BackendUnavailable(f"litert needs litert_torch, which is not installed: {_EXTRA}")
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    with tempfile.TemporaryDirectory(prefix="edgevits-litert-") as tmp, silenced("LiteRT conversion"):
+        program = Path(tmp) / "graph.pt2"
+        torch.export.save(torch.export.export(graph.eval(), (example,)), program)
+        if _LITERT_PROCESS is None:
+            _LITERT_PROCESS = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            _LITERT_PROCESS.submit(_litert_convert, str(program), tuple(example.shape), str(path),
+                                   torch.get_num_threads()).result()
+        except BrokenProcessPool:
+            _LITERT_PROCESS = None
+            raise
+        if not Path(path).is_file():
+            raise RuntimeError("the litert-torch conversion wrote no file")
+
+
+def _litert_convert(program: str, shape: tuple[int, ...], path: str, threads: int) -> None:
+    """The child's side of ``litert_write``."""
+    import litert_torch
+    torch.set_num_threads(threads)
+    litert_torch.convert(torch.export.load(program).module(), (torch.randn(shape),)).export(path)
 
 
 def litert_runner(path: str | os.PathLike, threads: int | None = None):

@@ -82,6 +82,14 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):
         (["export", "swiftformer_xs", "--checkpoint", str(tmp_path / "none.pth"), "-o", str(out)], "does not exist"),
         (["export", "swiftformer_xs", "--checkpoint", str(tmp_path), "-o", str(out)], "best.safetensors"),
         (["deploy", "swiftformer_xs", "--candidates", "eager,bogus"], "unknown backend 'bogus'"),
+        # combinations no format supports, refused before any conversion
+        (["export", "swiftformer_xs", "--batch-size", "2", "-o", str(out)], "dynamic batch axis"),
+        (["export", "swiftformer_xs", "--format", "litert", "--precision", "float32", "-o", str(out)],
+         "Core ML options"),
+        (["export", "swiftformer_xs", "--format", "executorch", "--form", "deploy", "-o", str(out)],
+         "cannot take the deploy form"),
+        (["export", "swiftformer_xs", "--format", "coreml", "--image-input", "--batch-size", "2", "-o", str(out)],
+         "one RGB image"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

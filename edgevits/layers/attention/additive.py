@@ -40,11 +40,30 @@ class AdditiveAttention(nn.Module):
         return f"revision={self.revision!r}"
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        if hasattr(self, "ones") and self.revision == "current":
+            return self._forward_matmuls(x)
         q = F.normalize(self.to_query(x), dim=-1)  # (B, N, D)
         k = F.normalize(self.to_key(x), dim=-1)
         a = (q @ self.w_g) * self.scale  # (B, N, 1): one weight per token
         a = F.normalize(a, dim=1) if self.revision == "current" else a.softmax(dim=-1)
         g = (a * q).sum(dim=1, keepdim=True)  # (B, 1, D): global query
+        return self.final(self.proj(g * k) + q)
+
+    def use_matmul_reductions(self) -> None:
+        """Compute the L2 norms and the token sum as matrix products from now on (x*x @ ones, a^T a, a^T q): the
+        same arithmetic in another order. The graph export form (``runtime.export.graph_form``) does this on its
+        copy: graph runtimes' delegates take matmuls but not F.normalize's pow/sum/expand (ExecuTorch's XNNPACK
+        delegate left those out and cut SwiftFormer-XS into 22 partitions)."""
+        self.register_buffer("ones", torch.ones_like(self.w_g), persistent=False)
+
+    def _forward_matmuls(self, x: torch.Tensor) -> torch.Tensor:
+        def unit_rows(t):  # F.normalize(t, dim=-1): t / max(||t||, 1e-12)
+            return t / ((t * t) @ self.ones).sqrt().clamp_min(1e-12)
+        q, k = unit_rows(self.to_query(x)), unit_rows(self.to_key(x))
+        a = (q @ self.w_g) * self.scale  # (B, N, 1)
+        at = a.transpose(1, 2)  # (B, 1, N)
+        a = a / torch.bmm(at, a).sqrt().clamp_min(1e-12)  # F.normalize over the tokens
+        g = torch.bmm(a.transpose(1, 2), q)  # (B, 1, D)
         return self.final(self.proj(g * k) + q)
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import nn
 from ..bias import RelPosBias, RelPosBiasDeploy
 from ..conv import ConvNorm, folded_conv, merge_convs
 from ..kernels import FusedConv, fusable_act
-from ..misc import DeployModule, gelu_, to_2tuple
+from ..misc import DeployModule, batched_matmul, gelu_, to_2tuple
 
 Size = tuple[int, int]
 
@@ -92,13 +92,13 @@ class Attention4D(nn.Module):
         v = self.v(x)
         v_local = self.v_local(v)
         v = v.reshape(B, self.num_heads, self.d, n).transpose(-2, -1)  # (B, heads, N, d)
-        attn = (q @ k) * self.scale + self.pos_bias((h, w), (h, w))  # (B, heads, N, N)
+        attn = batched_matmul(q, k) * self.scale + self.pos_bias((h, w), (h, w))  # (B, heads, N, N)
         attn = self.talking_head1(attn)
         # softmax over a flat view: ExecuTorch 1.5's XNNPACK lowering keeps a conv's output channels-last and
         # then applies a 4-D softmax(dim=-1) to the wrong axis (12-24 % relative error on EfficientFormerV2-S0);
         # a view costs nothing in PyTorch
         attn = self.talking_head2(attn.flatten(0, 2).softmax(dim=-1).view_as(attn))
-        out = (attn @ v).transpose(-2, -1).reshape(B, self.dh, h, w) + v_local
+        out = batched_matmul(attn, v).transpose(-2, -1).reshape(B, self.dh, h, w) + v_local
         if self.stride_conv is not None:
             out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
         return self.proj(self.act(out))
@@ -213,8 +213,8 @@ class Attention4DDownsample(nn.Module):
         v = self.v(x)
         v_local = self.v_local(v)
         v = v.reshape(B, self.num_heads, self.d, H * W).transpose(-2, -1)  # (B, heads, N, d)
-        attn = ((q @ k) * self.scale + self.pos_bias((h2, w2), (H, W), 2)).softmax(dim=-1)  # (B, heads, N/4, N)
-        out = (attn @ v).transpose(-2, -1).reshape(B, self.dh, h2, w2) + v_local
+        attn = (batched_matmul(q, k) * self.scale + self.pos_bias((h2, w2), (H, W), 2)).softmax(dim=-1)
+        out = batched_matmul(attn, v).transpose(-2, -1).reshape(B, self.dh, h2, w2) + v_local  # (B, dh, h2, w2)
         return self.proj(self.act(out))
 
     @torch.no_grad()

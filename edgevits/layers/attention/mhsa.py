@@ -7,7 +7,7 @@ from torch import nn
 
 from ..bias import RelPosBias
 from ..kernels import FusedLinear
-from ..misc import DeployModule, to_2tuple
+from ..misc import DeployModule, batched_matmul, to_2tuple
 from .adapters import infer_hw
 
 
@@ -50,7 +50,8 @@ class MHSA(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, 2*key_dim + val_dim)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        kd = self.key_dim  # slices rather than split: XNNPACK's delegate takes slices
+        q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
         bias = None
         if self.rel_pos is not None:
             grid = infer_hw(n, hw)
@@ -58,8 +59,8 @@ class MHSA(nn.Module):
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
         else:
-            attn = q @ k.transpose(-2, -1) * self.scale
-            out = (attn if bias is None else attn + bias).softmax(dim=-1) @ v
+            attn = batched_matmul(q, k.transpose(-2, -1)) * self.scale
+            out = batched_matmul((attn if bias is None else attn + bias).softmax(dim=-1), v)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
     def extra_repr(self) -> str:
@@ -85,7 +86,8 @@ class MHSADeploy(DeployModule, nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)  # (B, heads, N, d) each
+        kd = self.key_dim  # slices rather than split: XNNPACK's delegate takes slices
+        q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]  # (B, heads, N, d) each
         bias = self.rel_pos(*(2 * [infer_hw(n, hw)])) if self.rel_pos is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, heads, N, val_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1), residual=residual)

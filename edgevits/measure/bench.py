@@ -23,7 +23,7 @@ from ..errors import BackendUnavailable
 from ..fuse import fuse_model
 from ..registry import create_model, get_entry, list_models
 from ..runtime.allocator import malloc_tuned
-from ..runtime.backends import BACKENDS, GRAPH_BACKENDS, make_runner
+from ..runtime.backends import BACKENDS, FIXED_BATCH_BACKENDS, GRAPH_BACKENDS, make_runner
 from ..runtime.settings import num_threads
 from ..runtime.timing import describe_error, time_interleaved
 from .flops import count_macs, count_params
@@ -216,7 +216,11 @@ def _build_subject(spec: BenchSpec, name: str, workdir: Path, say: Callable[[str
             # the formulation its runtime runs fastest)
             net = model if source == "edgevits" and backend in GRAPH_BACKENDS else nets[source]
             try:
-                subject.runners[(source, backend)] = make_runner(net, backend, example, spec.threads,
+                # ExecuTorch and LiteRT graphs have a fixed batch: convert at the first batch timed (a later batch
+                # size converts again when first called)
+                shaped = torch.randn(spec.batch_sizes[0], *example.shape[1:], device=spec.device, dtype=dtype) \
+                    if backend in FIXED_BATCH_BACKENDS else example
+                subject.runners[(source, backend)] = make_runner(net, backend, shaped, spec.threads,
                                                                  workdir / f"{name}-{source}-{backend}",
                                                                  fuse=source == "edgevits")
             except BackendUnavailable as e:

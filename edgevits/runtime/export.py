@@ -201,6 +201,7 @@ def graph_form(model: nn.Module, form: str, example: torch.Tensor | None = None,
     if example is None:
         raise ValueError("the graph form needs an example input: it is built for one input size")
     from ..layers.attention.additive import AdditiveAttention
+    from ..layers.attention.cascaded import CascadedGroupAttention
     from ..layers.attention.mhsa import MHSA
     from ..layers.bias import freeze_bias_tables
     from ..layers.misc import MatmulLayerNorm
@@ -210,6 +211,8 @@ def graph_form(model: nn.Module, form: str, example: torch.Tensor | None = None,
             module.use_sdpa = False
         if isinstance(module, AdditiveAttention):
             module.use_matmul_reductions()
+        if isinstance(module, CascadedGroupAttention):
+            module.slice_heads = True
     for name, module in list(graph.named_modules()) if target == "executorch" else []:
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.elementwise_affine:
             graph.set_submodule(name, MatmulLayerNorm(module))

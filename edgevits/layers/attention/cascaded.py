@@ -77,18 +77,40 @@ class CascadedGroupAttention(nn.Module):
         self.proj = ConvNorm(self.val_dim * num_heads, dim, 1, bn_weight_init=0.0)
         self.pos_bias = RelPosBias(num_heads, (resolution, resolution))
 
+    # The graph export form (runtime.export.graph_form) sets this on its copy: heads and q/k/v taken as slices,
+    # products as torch.bmm and the bias row as a slice, the same arithmetic in ops ExecuTorch's XNNPACK delegate
+    # takes (split, select and matmul's expand fell outside it and cut EfficientViT-M0 into 79 partitions). Not the
+    # default: the ONNX exporter takes 50 % longer on the sliced graph (M0: 39 vs 26 s).
+    slice_heads = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         bias = self.pos_bias((h, w), (h, w))  # (heads, N, N), gathered from the live table on every call
-        # slices and bmm rather than chunk/split, bias[i] and @: the same arithmetic, but exported graphs then hold
-        # only ops XNNPACK takes (split, select and matmul's expand fell outside the delegate and cut ExecuTorch's
-        # EfficientViT-M0 graph into 79 partitions)
+        if self.slice_heads:
+            return self._forward_sliced(x, bias)
+        chunks = x.chunk(self.num_heads, dim=1)
+        outs = []
+        feat = chunks[0]
+        for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
+            if i > 0:
+                feat = feat + chunks[i]  # the previous head's output cascades into this head's input
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            q = dw(q)
+            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)  # (B, d, N)
+            attn = (q.transpose(1, 2) @ k) * self.scale + bias[i]  # (B, N, N)
+            attn = attn.softmax(dim=-1)
+            feat = (v @ attn.transpose(1, 2)).view(b, self.val_dim, h, w)
+            outs.append(feat)
+        return self.proj(torch.relu(torch.cat(outs, dim=1)))
+
+    def _forward_sliced(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
         c, kd, vd = x.shape[1] // self.num_heads, self.key_dim, self.val_dim
         outs = []
         feat = x[:, :c]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
             if i > 0:
-                feat = feat + x[:, i * c:(i + 1) * c]  # the previous head's output cascades into this head's input
+                feat = feat + x[:, i * c:(i + 1) * c]
             t = qkv(feat)
             q, k, v = dw(t[:, :kd]).flatten(2), t[:, kd:2 * kd].flatten(2), t[:, 2 * kd:].flatten(2)  # (B, d, N)
             attn = torch.bmm(q.transpose(1, 2), k) * self.scale + bias[i:i + 1]  # (B, N, N)
